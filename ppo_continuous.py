@@ -740,6 +740,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    if (
+        deterministic
+    ):  # cuBLAS needs a fixed workspace to be deterministic (torch's reproducibility notes)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.deterministic = deterministic
 
@@ -749,25 +753,17 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def train(args: Args) -> dict:
-    """Train PPO and return the summary that is also written to <run>/summary.json."""
-    validate_args(args)
-    checkpoint = load_checkpoint(args.resume, args.env_id) if args.resume else None
-    seed_everything(args.seed, args.torch_deterministic)
-    device = select_device(args)
-    envs = make_vector_env(args.env_id, args.num_envs)
-    obs_dim = envs.single_observation_space.shape[0]
-    action_dim = envs.single_action_space.shape[0]
+def start_run(args: Args) -> tuple[Path, SummaryWriter]:
+    """The run folder, its TensorBoard writer and, with --track, a W&B run mirroring TensorBoard.
 
-    # A resumed run goes on writing into the folder of its checkpoint.
-    if checkpoint is not None:
+    A resumed run goes on writing into the folder of its checkpoint.
+    """
+    if args.resume:
         run_dir = Path(args.resume).parent
     else:
-        run_dir = (
-            Path(args.runs_dir) / f"{args.exp_name}__{args.env_id}__{args.seed}__{int(time.time())}"
-        )
+        run_name = f"{args.exp_name}__{args.env_id}__{args.seed}__{int(time.time())}"
+        run_dir = Path(args.runs_dir) / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = run_dir / "checkpoint.pt"
     if args.track:
         import wandb
 
@@ -778,6 +774,49 @@ def train(args: Args) -> dict:
     writer = SummaryWriter(str(run_dir))
     hyperparameters = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
+    return run_dir, writer
+
+
+def log_iteration(
+    writer, global_step, stats, rollout, returns, learning_rate, sps, timers, new_episodes
+):
+    """TensorBoard scalars of one iteration, under the tags of the popular single-file scripts."""
+    for episode_return, episode_length in new_episodes:
+        writer.add_scalar("charts/episodic_return", episode_return, global_step)
+        writer.add_scalar("charts/episodic_length", episode_length, global_step)
+    writer.add_scalar("charts/learning_rate", learning_rate, global_step)
+    writer.add_scalar("charts/SPS", sps, global_step)
+    writer.add_scalar("charts/update_epochs", stats["epochs"], global_step)
+    for key in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"):
+        writer.add_scalar(f"losses/{key}", stats[key], global_step)
+    ev = explained_variance(rollout.values.flatten(), returns.flatten())
+    writer.add_scalar("losses/explained_variance", ev, global_step)
+    for key in ("env", "inference", "update"):
+        writer.add_scalar(f"time/{key}_s", getattr(timers, key), global_step)
+
+
+def progress_line(
+    global_step: int, total_steps: int, sps: float, recent_returns, timers: Timers
+) -> str:
+    eta = format_duration((total_steps - global_step) / max(sps, 1e-9))
+    recent = f"{np.mean(recent_returns):9.1f}" if recent_returns else "      n/a"
+    return (
+        f"step {global_step:>10,}/{total_steps:,} | {sps:5.0f} SPS | ETA {eta} | "
+        f"return {recent} (last {len(recent_returns)}) | "
+        f"time env {timers.env:.0f}s inference {timers.inference:.0f}s update {timers.update:.0f}s"
+    )
+
+
+def train(args: Args) -> dict:
+    """Train PPO and return the summary that is also written to <run>/summary.json."""
+    validate_args(args)
+    checkpoint = load_checkpoint(args.resume, args.env_id) if args.resume else None
+    seed_everything(args.seed, args.torch_deterministic)
+    device = select_device(args)
+    envs = make_vector_env(args.env_id, args.num_envs)
+    obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
+    run_dir, writer = start_run(args)
+    checkpoint_path = run_dir / "checkpoint.pt"
 
     agent = Agent(obs_dim, action_dim).to(device)
     # Adam with eps 1e-5 (PPO2's value, not torch's 1e-8); the fused kernel is the same math, faster.
@@ -793,23 +832,24 @@ def train(args: Args) -> dict:
         global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
         print(f"resuming {checkpoint_path} at step {global_step:,} (iteration {start_iteration})")
 
+    def save(progress: dict) -> None:
+        save_checkpoint(checkpoint_path, agent, optimizer, obs_normalizer, reward_scaler, args,
+                        progress["global_step"], progress["iteration"])  # fmt: skip
+
     raw_obs, _ = envs.reset(seed=args.seed + start_iteration - 1)
     next_obs = obs_normalizer(raw_obs)
     episode_stats: list[tuple[float, int]] = []  # (return, length) of every finished episode
     recent_returns: deque[float] = deque(maxlen=100)
     timers = Timers()
-    completed = {"iteration": start_iteration - 1, "global_step": global_step}
-    status = "completed"
+    done = {
+        "iteration": start_iteration - 1,
+        "global_step": global_step,
+    }  # last completed iteration
+    total_steps = args.num_iterations * args.batch_size
+    status, diverged = "completed", None
     start_time = last_print = time.time()
     start_step = global_step
-
-    # SIGTERM (e.g. from a cluster scheduler) is handled like Ctrl-C: save, flush, exit.
-    def raise_interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous_sigterm = None
-    if threading_is_main():
-        previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
+    previous_sigterm = handle_sigterm_as_interrupt()
     try:
         for iteration in range(start_iteration, args.num_iterations + 1):
             if args.anneal_lr:  # linear annealing of the learning rate to 0
@@ -845,120 +885,118 @@ def train(args: Args) -> dict:
                     f"the loss became {stats['loss']} at iteration {iteration} (step {global_step:,}); "
                     f"stopped without saving, the last good checkpoint is kept"
                 )
-            completed = {"iteration": iteration, "global_step": global_step}
+            done = {"iteration": iteration, "global_step": global_step}
 
             # LOG
-            for episode_return, episode_length in episode_stats[first_new_episode:]:
-                recent_returns.append(episode_return)
-                writer.add_scalar("charts/episodic_return", episode_return, global_step)
-                writer.add_scalar("charts/episodic_length", episode_length, global_step)
-            elapsed = time.time() - start_time
-            sps = (global_step - start_step) / elapsed
-            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-            writer.add_scalar("charts/SPS", sps, global_step)
-            for key in (
-                "policy_loss",
-                "value_loss",
-                "entropy",
-                "old_approx_kl",
-                "approx_kl",
-                "clipfrac",
-            ):
-                writer.add_scalar(f"losses/{key}", stats[key], global_step)
-            ev = explained_variance(rollout.values.flatten(), returns.flatten())
-            writer.add_scalar("losses/explained_variance", ev, global_step)
-            writer.add_scalar("charts/update_epochs", stats["epochs"], global_step)
-            writer.add_scalar("time/env_s", timers.env, global_step)
-            writer.add_scalar("time/inference_s", timers.inference, global_step)
-            writer.add_scalar("time/update_s", timers.update, global_step)
+            new_episodes = episode_stats[first_new_episode:]
+            recent_returns.extend(episode_return for episode_return, _ in new_episodes)
+            sps = (global_step - start_step) / (time.time() - start_time)
+            learning_rate = optimizer.param_groups[0]["lr"]
+            log_iteration(
+                writer,
+                global_step,
+                stats,
+                rollout,
+                returns,
+                learning_rate,
+                sps,
+                timers,
+                new_episodes,
+            )
             if time.time() - last_print >= 10 or iteration in (
                 start_iteration,
                 args.num_iterations,
             ):
                 last_print = time.time()
-                eta = (args.num_iterations * args.batch_size - global_step) / max(sps, 1e-9)
-                recent = f"{np.mean(recent_returns):9.1f}" if recent_returns else "      n/a"
                 print(
-                    f"step {global_step:>10,}/{args.num_iterations * args.batch_size:,} | {sps:5.0f} SPS | "
-                    f"ETA {format_duration(eta)} | return {recent} (last {len(recent_returns)}) | "
-                    f"time env {timers.env:.0f}s inference {timers.inference:.0f}s update {timers.update:.0f}s",
-                    flush=True,
+                    progress_line(global_step, total_steps, sps, recent_returns, timers), flush=True
                 )
             if args.save_interval and iteration % args.save_interval == 0:
-                save_checkpoint(checkpoint_path, agent, optimizer, obs_normalizer, reward_scaler, args,
-                                global_step, iteration)  # fmt: skip
+                save(done)
     except KeyboardInterrupt:
         status = "interrupted"
-        print(
-            f"interrupted at step {completed['global_step']:,}: saving {checkpoint_path}",
-            flush=True,
-        )
-    except TrainingDiverged:
-        status = "diverged"
-        raise
+        print(f"interrupted at step {done['global_step']:,}: saving {checkpoint_path}", flush=True)
+    except TrainingDiverged as error:
+        status, diverged = "diverged", error
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
         envs.close()
-        if status != "diverged":
-            save_checkpoint(checkpoint_path, agent, optimizer, obs_normalizer, reward_scaler, args,
-                            completed["global_step"], completed["iteration"])  # fmt: skip
-        wall_time = time.time() - start_time
-        summary = {
-            "script": SCRIPT_NAME,
-            "env_id": args.env_id,
-            "seed": args.seed,
-            "status": status,
-            "global_step": completed["global_step"],
-            "iterations": completed["iteration"],
-            "wall_time_s": wall_time,
-            "sps": (completed["global_step"] - start_step) / max(wall_time, 1e-9),
-            "episodes": len(episode_stats),
-            "mean_return": float(np.mean(recent_returns)) if recent_returns else None,
-            "time_env_s": timers.env,
-            "time_inference_s": timers.inference,
-            "time_update_s": timers.update,
-            "run_dir": str(run_dir),
-            "checkpoint": str(checkpoint_path) if checkpoint_path.exists() else None,
-        }
-        if status == "completed":
-            # EVALUATE the final model exactly as a reloaded checkpoint is evaluated.
-            if args.capture_video:
-                os.environ.setdefault(
-                    "MUJOCO_GL", "egl"
-                )  # headless rendering when there is no display
-            video_dir = run_dir / "videos" if args.capture_video else None
-            eval_returns = evaluate(
-                agent,
-                obs_normalizer,
-                args.env_id,
-                args.eval_episodes,
-                args.seed,
-                args.eval_stochastic,
-                video_dir,
-            )
-            summary["eval_return_mean"] = float(np.mean(eval_returns))
-            summary["eval_return_std"] = float(np.std(eval_returns))
-            writer.add_scalar("eval/episodic_return_mean", summary["eval_return_mean"], global_step)
-            print(
-                f"done: {global_step:,} steps in {format_duration(wall_time)} ({summary['sps']:.0f} SPS); "
-                f"training return {summary['mean_return']} | evaluation {summary['eval_return_mean']:.1f} "
-                f"+- {summary['eval_return_std']:.1f} | {run_dir}",
-                flush=True,
-            )
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        writer.close()
-        if args.track:
-            import wandb
 
-            wandb.finish()
+    if status != "diverged":
+        save(done)
+    wall_time = time.time() - start_time
+    summary = {
+        "script": SCRIPT_NAME,
+        "env_id": args.env_id,
+        "seed": args.seed,
+        "status": status,
+        "global_step": done["global_step"],
+        "iterations": done["iteration"],
+        "wall_time_s": wall_time,
+        "sps": (done["global_step"] - start_step) / max(wall_time, 1e-9),
+        "episodes": len(episode_stats),
+        "mean_return": float(np.mean(recent_returns)) if recent_returns else None,
+        "time_env_s": timers.env,
+        "time_inference_s": timers.inference,
+        "time_update_s": timers.update,
+        "run_dir": str(run_dir),
+        "checkpoint": str(checkpoint_path) if checkpoint_path.exists() else None,
+    }
+    if status == "completed":
+        # EVALUATE the final model exactly as a reloaded checkpoint is evaluated.
+        summary.update(evaluate_final_model(agent, obs_normalizer, args, run_dir))
+        writer.add_scalar("eval/episodic_return_mean", summary["eval_return_mean"], global_step)
+        print(
+            f"done: {global_step:,} steps in {format_duration(wall_time)} ({summary['sps']:.0f} SPS); "
+            f"training return {summary['mean_return']:.1f} (last {len(recent_returns)} episodes) | "
+            f"evaluation {summary['eval_return_mean']:.1f} +- {summary['eval_return_std']:.1f} | {run_dir}",
+            flush=True,
+        )
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    writer.close()
+    if args.track:
+        import wandb
+
+        wandb.finish()
+    if diverged is not None:
+        raise diverged
     return summary
 
 
-def threading_is_main() -> bool:
+def evaluate_final_model(
+    agent: Agent, obs_normalizer: ObservationNormalizer, args: Args, run_dir: Path
+) -> dict:
+    video_dir = None
+    if args.capture_video:
+        os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering when there is no display
+        video_dir = run_dir / "videos"
+    returns = evaluate(
+        agent,
+        obs_normalizer,
+        args.env_id,
+        args.eval_episodes,
+        args.seed,
+        args.eval_stochastic,
+        video_dir,
+    )
+    return {"eval_return_mean": float(np.mean(returns)), "eval_return_std": float(np.std(returns))}
+
+
+def handle_sigterm_as_interrupt():
+    """SIGTERM (e.g. from a cluster scheduler) is handled like Ctrl-C: save, flush, exit.
+
+    Returns the previous handler, or None where signals cannot be set (not the main thread).
+    """
     import threading
 
-    return threading.current_thread() is threading.main_thread()
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def raise_interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, raise_interrupt)
 
 
 def main() -> None:
