@@ -740,9 +740,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if (
-        deterministic
-    ):  # cuBLAS needs a fixed workspace to be deterministic (torch's reproducibility notes)
+    if deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic (torch's reproducibility notes).
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.deterministic = deterministic
