@@ -3,7 +3,7 @@
 Each run is a separate process of the script itself (exactly what a user runs). After training, the
 saved checkpoint is evaluated in a fresh process with `--eval-checkpoint` (frozen normalization
 statistics, deterministic actions), so the "evaluation" column measures the saved model, not the
-in-memory one. Results go to `<out>/results.csv` (one row per run), `<out>/curves.csv` (every
+in-memory one. Runs already completed in `<out>` are reused, not trained again. Results go to `<out>/results.csv` (one row per run), `<out>/curves.csv` (every
 logged training episode) and `<out>/curves.png`; one JSON line per run is printed.
 
     python benchmarks/run_benchmark.py --script ppo_continuous.py --env-ids HalfCheetah-v4 Hopper-v4 \
@@ -21,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,6 +38,24 @@ def read_episodic_returns(run_dir: Path) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in accumulator.Scalars("charts/episodic_return")]
 
 
+def finished_run(
+    out: Path, exp_name: str, env_id: str, seed: int, total_timesteps: int
+) -> Path | None:
+    """The newest completed run of (env, seed) with this budget in `out`, if any: a benchmark that
+    was stopped, or extended with more seeds, does not train again what it already has."""
+    for run_dir in sorted((out / "runs").glob(f"{exp_name}__{env_id}__{seed}__*"), reverse=True):
+        summary_path = run_dir / "summary.json"
+        if summary_path.exists():
+            summary = json.loads(summary_path.read_text())
+            batch = summary["global_step"] / max(summary["iterations"], 1)
+            if (
+                summary["status"] == "completed"
+                and total_timesteps - summary["global_step"] < batch
+            ):
+                return run_dir
+    return None
+
+
 def run_one(script: str, env_id: str, seed: int, args: argparse.Namespace) -> dict:
     """Train one (env, seed), then evaluate its checkpoint in a fresh process."""
     out = Path(args.out)
@@ -53,12 +70,11 @@ def run_one(script: str, env_id: str, seed: int, args: argparse.Namespace) -> di
         "--total-timesteps", str(args.total_timesteps), "--runs-dir", str(out / "runs"),
         "--exp-name", exp_name, *args.extra,
     ]  # fmt: skip
-    start = time.time()
-    with open(log_path, "w") as log:
-        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=True)
-    wall_time = time.time() - start
-    run_dirs = sorted((out / "runs").glob(f"{exp_name}__{env_id}__{seed}__*"), key=os.path.getmtime)
-    run_dir = run_dirs[-1]
+    run_dir = finished_run(out, exp_name, env_id, seed, args.total_timesteps)
+    if run_dir is None:
+        with open(log_path, "w") as log:
+            subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=True)
+        run_dir = finished_run(out, exp_name, env_id, seed, args.total_timesteps)
     summary = json.loads((run_dir / "summary.json").read_text())
 
     eval_command = [
@@ -86,7 +102,6 @@ def run_one(script: str, env_id: str, seed: int, args: argparse.Namespace) -> di
         if last_100
         else float("nan"),
         "train_wall_time_s": summary["wall_time_s"],
-        "process_wall_time_s": wall_time,
         "sps": summary["sps"],
         "time_env_s": summary.get("time_env_s"),
         "time_inference_s": summary.get("time_inference_s"),
