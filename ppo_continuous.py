@@ -76,6 +76,8 @@ class Args:
     """make torch use deterministic algorithms: the same seed then gives the same run twice on CPU"""
     cuda: bool = True
     """use CUDA for the networks when a GPU is available (otherwise the CPU is used)"""
+    torch_threads: int = 1
+    """CPU threads for torch: 64-64 MLPs gain nothing from more, and extra threads stall on busy cores"""
     track: bool = False
     """log the run to Weights & Biases (needs `pip install wandb`; works with WANDB_MODE=offline)"""
     wandb_project_name: str = "ppo-reference"
@@ -164,7 +166,14 @@ def require_module(module: str, purpose: str) -> None:
 
 def validate_args(args: Args) -> None:
     """Reject inconsistent settings before anything is built."""
-    positive = ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs")
+    positive = (
+        "total_timesteps",
+        "num_envs",
+        "num_steps",
+        "num_minibatches",
+        "update_epochs",
+        "torch_threads",
+    )
     for name in positive:
         if getattr(args, name) < 1:
             raise ConfigError(
@@ -733,6 +742,8 @@ def evaluate_checkpoint(args: Args) -> dict:
 
 
 def select_device(args: Args) -> torch.device:
+    """The device for the networks, chosen once per run; also sets torch's CPU thread count."""
+    torch.set_num_threads(args.torch_threads)
     return torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
 
 
