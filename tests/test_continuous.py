@@ -496,8 +496,9 @@ def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_learns_inverted_pendulum(tmp_path):
-    """Real learning in ~20 s: a random policy balances ~5-10 steps. Threshold from measured runs
-    (see README): seeds 1-3 reach a deterministic evaluation return of 1000 at 40k steps."""
+    """Real learning in ~20 s: a random policy balances ~5-10 steps. Thresholds from measured runs:
+    at 40,960 steps seeds 1-6 reach a training mean of 285-312 (last 100 episodes) and a
+    deterministic evaluation return of 1000 (the maximum); the thresholds leave a wide margin."""
     args = pc.Args(
         env_id="InvertedPendulum-v4",
         total_timesteps=40960,
