@@ -1,0 +1,1369 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = [
+#     "torch>=2.4",
+#     "numpy>=1.26",
+#     "tyro>=0.8",
+#     "tensorboard>=2.14",
+# ]
+# ///
+"""PPO for language models (RLHF), in one file, on a tiny model it trains itself.
+
+The whole pipeline of reinforcement learning from human feedback, shrunk until it runs on a laptop
+CPU in about a minute with nothing downloaded:
+
+1. a toy language: short English-like sentences from a small grammar ("the kind dog loves the
+   old cat ."), a word tokenizer with distinct PAD, BOS and EOS tokens, and an exact validity check
+   (a regular expression over the words), so text quality is measured independently of any reward;
+2. a tiny causal transformer (nanoGPT-like, dropout off, KV cache for sampling), pretrained by
+   supervised fine-tuning (SFT) on a corpus sampled from the grammar;
+3. a hidden "gold" scorer (positive minus negative words; invalid text scores low) that labels
+   synthetic Bradley-Terry preference pairs, and a learned reward model (transformer + scalar head
+   read at the last real token) trained on them: the proxy reward that PPO optimizes. It only ever
+   saw grammatical sentences, so it can be fooled by text it never saw;
+4. PPO (Schulman et al. 2017, arXiv:1707.06347) with GAE (Schulman et al. 2015, arXiv:1506.02438)
+   over response tokens, a KL penalty to the frozen SFT model in the reward (Ziegler et al. 2019,
+   arXiv:1909.08593; InstructGPT, Ouyang et al. 2022, arXiv:2203.02155), and the implementation
+   details of "The N Implementation Details of RLHF with PPO" (Huang et al. 2024, arXiv:2403.17031),
+   each named in a comment where it is implemented. `--advantage-estimator grpo|rloo` swaps the critic
+   for group-relative baselines (GRPO, Shao et al. 2024, arXiv:2402.03300; RLOO, Ahmadian et al. 2024,
+   arXiv:2402.14740) and changes nothing else.
+
+Because validity and the gold score are exact, the run *shows* reward hacking: with --kl-coef 0 the
+policy drives the proxy reward up while validity and gold reward fall; with the default KL penalty it
+gains gold reward and stays grammatical.
+
+Run:
+    python ppo_llm_toy.py                       # SFT, reward model, PPO: ~1 minute on 2 cores
+    python ppo_llm_toy.py --kl-coef 0           # no KL penalty: watch the proxy get gamed
+    python ppo_llm_toy.py --advantage-estimator rloo
+    python ppo_llm_toy.py --sft-checkpoint runs/<run>/sft.pt \\
+        --reward-model-checkpoint runs/<run>/reward_model.pt   # rerun PPO only
+    python ppo_llm_toy.py --help
+    tensorboard --logdir runs
+
+What differs from the sibling scripts:
+- ppo_continuous.py / ppo_atari.py: an environment gives rewards at every step of long episodes.
+  Here an "episode" is one response: the actions are tokens, the state is the text so far, and the
+  only environment reward is the reward model's score at the end, plus a per-token KL penalty.
+- The policy starts from a pretrained model and must not drift from it (the frozen reference), the
+  discount is 1, and advantages are whitened over the valid tokens of the whole rollout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import io
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+SCRIPT_NAME = "ppo_llm_toy"
+
+
+@dataclass
+class Args:
+    exp_name: str = SCRIPT_NAME
+    """the name of this experiment: the first part of the run name `runs/<exp_name>__<seed>__<time>`"""
+    seed: int = 1
+    """seed of the experiment (python, torch, corpus, prompts and sampling)"""
+    torch_deterministic: bool = True
+    """make torch use deterministic algorithms: the same seed then gives the same run twice on CPU"""
+    cuda: bool = True
+    """use CUDA for the networks when a GPU is available (otherwise the CPU is used)"""
+    track: bool = False
+    """log the run to Weights & Biases (needs `pip install wandb`; works with WANDB_MODE=offline)"""
+    wandb_project_name: str = "ppo-reference"
+    """the Weights & Biases project"""
+    wandb_entity: str | None = None
+    """the Weights & Biases entity (team or user); None uses your default"""
+    runs_dir: str = "runs"
+    """the folder that holds one sub-folder per run (TensorBoard events, models, summary.json)"""
+    num_threads: int = 1
+    """CPU threads for torch; 1 is fastest for a model this small (threads cost more than they save)"""
+
+    # Model (shared by the policy, the reference, the critic and the reward model)
+    n_layer: int = 2
+    """the number of transformer blocks"""
+    n_head: int = 4
+    """the number of attention heads per block"""
+    n_embd: int = 64
+    """the width of the residual stream"""
+    block_size: int = 24
+    """the context length in tokens: BOS + prompt + response must fit in it"""
+
+    # Stage 1: supervised fine-tuning (SFT) on the grammar corpus
+    sft_checkpoint: str | None = None
+    """reuse this sft.pt instead of training the SFT model"""
+    sft_corpus_size: int = 20000
+    """the number of grammar sentences in the SFT corpus"""
+    sft_steps: int = 1500
+    """the number of SFT gradient steps"""
+    sft_batch_size: int = 64
+    """the number of sentences per SFT step"""
+    sft_learning_rate: float = 3e-3
+    """the learning rate of SFT (AdamW, cosine decay to 0)"""
+
+    # Stage 2: reward model from synthetic preferences
+    reward_model_checkpoint: str | None = None
+    """reuse this reward_model.pt instead of training the reward model"""
+    rm_num_pairs: int = 6000
+    """the number of synthetic preference pairs labelled by the gold scorer"""
+    rm_epochs: int = 2
+    """the number of passes over the preference pairs"""
+    rm_batch_size: int = 64
+    """the number of pairs per reward-model step"""
+    rm_learning_rate: float = 1e-3
+    """the learning rate of the reward model (AdamW)"""
+
+    # Stage 3: PPO
+    total_episodes: int = 12800
+    """the total number of responses sampled during PPO"""
+    num_prompts: int = 32
+    """the number of distinct prompts per rollout"""
+    samples_per_prompt: int = 4
+    """the number of responses sampled per prompt (a rollout has num_prompts * samples_per_prompt)"""
+    max_prompt_words: int = 3
+    """prompts are the first 1..max_prompt_words words of a grammar sentence"""
+    response_length: int = 12
+    """the maximum number of response tokens; a response without EOS by then is cut"""
+    temperature: float = 1.0
+    """the sampling temperature, applied identically when sampling and when recomputing log-probs"""
+    learning_rate: float = 3e-4
+    """the learning rate of the Adam optimizer (policy and critic)"""
+    anneal_lr: bool = True
+    """anneal the learning rate linearly to 0 over the run"""
+    num_minibatches: int = 4
+    """the number of minibatches each rollout is split into"""
+    update_epochs: int = 4
+    """the number of passes over the rollout per update"""
+    advantage_estimator: Literal["gae", "grpo", "rloo"] = "gae"
+    """gae: PPO with a critic; grpo/rloo: group-relative baselines from samples_per_prompt, no critic"""
+    gamma: float = 1.0
+    """the discount factor over response tokens (1: the score at the end counts fully)"""
+    gae_lambda: float = 0.95
+    """the lambda of Generalized Advantage Estimation"""
+    norm_adv: bool = True
+    """whiten the advantages over the valid response tokens of the rollout"""
+    whiten_rewards: bool = False
+    """whiten the per-token rewards (scale only, over valid tokens) before GAE"""
+    clip_coef: float = 0.2
+    """the surrogate clipping coefficient epsilon (also clips the value loss)"""
+    clip_vloss: bool = True
+    """clip the value loss around the old value predictions, as the policy loss is clipped"""
+    ent_coef: float = 0.0
+    """the coefficient of the entropy bonus"""
+    vf_coef: float = 0.5
+    """the coefficient of the value loss"""
+    max_grad_norm: float = 1.0
+    """the maximum global norm of the gradients (clipped above it)"""
+    target_kl: float | None = None
+    """stop the update epochs early once the approximate KL exceeds this (None: never)"""
+    kl_coef: float = 0.2
+    """beta: the coefficient of the per-token KL penalty to the reference model (0: no penalty)"""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """the per-token KL estimate in the reward: k1 = log p - log p_ref, k3 = (r - 1) - log r"""
+    adaptive_kl: bool = False
+    """adapt beta towards kl_target with the proportional controller of Ziegler et al."""
+    kl_target: float = 1.0
+    """the KL (nats per response) the adaptive controller aims for"""
+    kl_horizon: int = 10000
+    """the horizon (in responses) of the adaptive KL controller"""
+    missing_eos_penalty: float = 1.0
+    """subtracted from the score of a response that has no EOS within response_length"""
+    eval_interval: int = 20
+    """evaluate on the held-out prompts every N PPO iterations (and always at start and end)"""
+    eval_prompts: int = 256
+    """the number of held-out prompts of each evaluation"""
+    num_sample_texts: int = 4
+    """the number of sample texts printed before and after PPO"""
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_prompts * self.samples_per_prompt
+
+    @property
+    def minibatch_size(self) -> int:
+        return self.batch_size // self.num_minibatches
+
+    @property
+    def num_iterations(self) -> int:
+        return self.total_episodes // self.batch_size
+
+
+class ConfigError(ValueError):
+    """Bad input (flags, checkpoint): main() prints it as one line and exits with code 2."""
+
+
+def require_module(module: str, purpose: str) -> None:
+    """Fail early with the install command when an optional package is missing."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"{purpose} needs the '{module}' package: pip install {module}") from None
+
+
+def validate_args(args: Args) -> None:
+    """Reject inconsistent settings before anything is built."""
+    positive = (
+        "num_threads", "n_layer", "n_head", "n_embd", "block_size", "sft_corpus_size", "sft_batch_size",
+        "rm_num_pairs", "rm_epochs", "rm_batch_size", "total_episodes", "num_prompts",
+        "samples_per_prompt", "max_prompt_words", "response_length", "num_minibatches",
+        "update_epochs", "eval_interval", "eval_prompts",
+    )  # fmt: skip
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
+            )
+    if args.sft_steps < 0 or args.num_sample_texts < 0:
+        raise ConfigError("--sft-steps and --num-sample-texts must not be negative")
+    if args.n_embd % args.n_head != 0:
+        raise ConfigError(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
+    longest = 1 + args.max_prompt_words + args.response_length
+    if longest > args.block_size:
+        raise ConfigError(
+            f"a prompt of up to {args.max_prompt_words} words plus BOS and a response of "
+            f"{args.response_length} tokens ({longest} tokens) do not fit the context of "
+            f"--block-size {args.block_size}"
+        )
+    if args.block_size < MAX_SENTENCE_TOKENS:
+        raise ConfigError(
+            f"the longest grammar sentence needs {MAX_SENTENCE_TOKENS} tokens, more than "
+            f"--block-size {args.block_size}"
+        )
+    for name in ("learning_rate", "sft_learning_rate", "rm_learning_rate", "temperature"):
+        if not getattr(args, name) > 0:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
+            )
+    if not 0 <= args.gamma <= 1 or not 0 <= args.gae_lambda <= 1:
+        raise ConfigError("--gamma and --gae-lambda must lie in [0, 1]")
+    if args.kl_coef < 0:
+        raise ConfigError(f"--kl-coef must not be negative, got {args.kl_coef}")
+    if args.batch_size % args.num_minibatches != 0:
+        raise ConfigError(
+            f"the rollout (num_prompts * samples_per_prompt = {args.batch_size}) does not divide "
+            f"into {args.num_minibatches} minibatches"
+        )
+    if args.total_episodes < args.batch_size:
+        raise ConfigError(
+            f"--total-episodes {args.total_episodes} is smaller than one rollout "
+            f"(num_prompts * samples_per_prompt = {args.batch_size})"
+        )
+    if args.advantage_estimator not in ("gae", "grpo", "rloo"):
+        raise ConfigError(
+            f"unknown --advantage-estimator {args.advantage_estimator!r}: use gae, grpo or rloo"
+        )
+    if args.kl_estimator not in ("k1", "k3"):
+        raise ConfigError(f"unknown --kl-estimator {args.kl_estimator!r}: use k1 or k3")
+    if args.advantage_estimator != "gae" and args.samples_per_prompt < 2:
+        raise ConfigError(
+            f"--advantage-estimator {args.advantage_estimator} needs --samples-per-prompt of at "
+            "least 2 (its baseline is the other samples of the same prompt)"
+        )
+    if args.advantage_estimator != "gae" and args.whiten_rewards:
+        raise ConfigError("--whiten-rewards whitens per-token rewards before GAE: use it with gae")
+    if args.adaptive_kl and (args.kl_target <= 0 or args.kl_horizon < 1 or args.kl_coef == 0):
+        raise ConfigError(
+            "--adaptive-kl needs a positive --kl-target, --kl-horizon and starting --kl-coef"
+        )
+    for flag, path in (
+        ("--sft-checkpoint", args.sft_checkpoint),
+        ("--reward-model-checkpoint", args.reward_model_checkpoint),
+    ):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{flag} {path} does not exist")
+    if args.track:
+        require_module("wandb", "--track")
+
+
+# THE TOY LANGUAGE
+# Sentences: "the" ADJ{0,2} NOUN VERB "the" ADJ{0,2} NOUN "." -- e.g. "the kind dog loves the cat ."
+# Some adjectives and verbs are positive, some negative, some neutral.
+
+POSITIVE_ADJ = ("good", "kind", "happy", "nice", "great")
+NEGATIVE_ADJ = ("bad", "mean", "sad", "rude", "awful")
+NEUTRAL_ADJ = ("big", "small", "old", "young", "red")
+NOUNS = ("cat", "dog", "bird", "man", "woman", "child", "king")
+POSITIVE_VERB = ("loves", "likes", "helps")
+NEGATIVE_VERB = ("hates", "bites", "fears")
+NEUTRAL_VERB = ("sees", "finds", "meets")
+ADJECTIVES = POSITIVE_ADJ + NEGATIVE_ADJ + NEUTRAL_ADJ
+VERBS = POSITIVE_VERB + NEGATIVE_VERB + NEUTRAL_VERB
+POSITIVE_WORDS = frozenset(POSITIVE_ADJ + POSITIVE_VERB)
+NEGATIVE_WORDS = frozenset(NEGATIVE_ADJ + NEGATIVE_VERB)
+MAX_ADJECTIVES = 2  # per noun phrase
+
+PAD, BOS, EOS = 0, 1, 2  # PAD is distinct from EOS: padding never reads as "the response ended"
+VOCAB = ("<pad>", "<bos>", "<eos>", "the", ".", *ADJECTIVES, *NOUNS, *VERBS)
+TOKEN_ID = {word: i for i, word in enumerate(VOCAB)}
+MAX_SENTENCE_TOKENS = 2 + 2 * (2 + MAX_ADJECTIVES) + 2  # BOS, 2 noun phrases, verb, ".", EOS
+
+_NOUN_PHRASE = rf"the(?: (?:{'|'.join(ADJECTIVES)})){{0,{MAX_ADJECTIVES}}} (?:{'|'.join(NOUNS)})"
+VALID_SENTENCE = re.compile(rf"{_NOUN_PHRASE} (?:{'|'.join(VERBS)}) {_NOUN_PHRASE} \.")
+GOLD_INVALID = -5.0  # the gold score of text outside the grammar: as bad as the worst sentence
+
+
+def sample_sentence(rng: random.Random) -> list[str]:
+    """One sentence of the grammar, uniform choices at every slot."""
+
+    def noun_phrase() -> list[str]:
+        adjectives = [rng.choice(ADJECTIVES) for _ in range(rng.randint(0, MAX_ADJECTIVES))]
+        return ["the", *adjectives, rng.choice(NOUNS)]
+
+    return [*noun_phrase(), rng.choice(VERBS), *noun_phrase(), "."]
+
+
+def encode(words: list[str]) -> list[int]:
+    return [TOKEN_ID[word] for word in words]
+
+
+def decode(token_ids: list[int]) -> list[str]:
+    """Token ids -> words. Left padding and the leading BOS are dropped and reading stops at the
+    first EOS; a PAD or BOS anywhere else is kept as a word ("<pad>", "<bos>"), which no valid
+    sentence contains: a policy cannot hide special tokens from the validity check."""
+    start = 0
+    while start < len(token_ids) and token_ids[start] == PAD:
+        start += 1
+    if start < len(token_ids) and token_ids[start] == BOS:
+        start += 1
+    words = []
+    for token in token_ids[start:]:
+        if token == EOS:
+            break
+        words.append(VOCAB[token])
+    return words
+
+
+def is_valid(words: list[str]) -> bool:
+    """Exact grammaticality: the whole word sequence matches the grammar's regular expression."""
+    return VALID_SENTENCE.fullmatch(" ".join(words)) is not None
+
+
+def gold_score(words: list[str], ended: bool = True) -> float:
+    """The hidden "human": positive minus negative words in a valid, finished sentence.
+
+    Unfinished (no EOS) or ungrammatical text gets GOLD_INVALID whatever its words. The reward
+    model never sees this function, only preferences it labelled.
+    """
+    if not ended or not is_valid(words):
+        return GOLD_INVALID
+    return float(sum(w in POSITIVE_WORDS for w in words) - sum(w in NEGATIVE_WORDS for w in words))
+
+
+def left_pad(
+    sequences: list[list[int]], length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists with PAD -> tokens (B, L) and attention mask (B, L), 1 = real token.
+
+    Left padding puts the last prompt token of every row in the same column, so generation appends
+    to all rows at once.
+    """
+    length = length or max(len(s) for s in sequences)
+    tokens = torch.full((len(sequences), length), PAD, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, sequence in enumerate(sequences):
+        tokens[i, length - len(sequence) :] = torch.tensor(sequence)
+        mask[i, length - len(sequence) :] = 1
+    return tokens, mask
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) attention mask -> (B, L) positions counting real tokens only (pads get 0).
+
+    With left padding, the first real token of every row is position 0, exactly as if it were alone.
+    """
+    return (mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+# THE NETWORKS
+
+
+def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
+    """Orthogonal weights with gain `std`, constant bias; std=0 gives an all-zero layer."""
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, n_embd: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = nn.Linear(n_embd, 3 * n_embd)
+        self.proj = nn.Linear(n_embd, n_embd)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, past=None):
+        """x: (B, T, C); allowed: (B, 1, T, S) bool, S = past + T keys; past: cached (k, v)."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if past is not None:  # KV cache: keys and values of earlier tokens are not recomputed
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # (B, H, T, C / H)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C)), (k, v)
+
+
+class Block(nn.Module):
+    def __init__(self, n_embd: int, n_head: int):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+        self.attn = CausalSelfAttention(n_embd, n_head)
+        self.mlp = nn.Sequential(
+            nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd)
+        )
+
+    def forward(self, x, allowed, past=None):
+        attended, present = self.attn(self.ln_1(x), allowed, past)
+        x = x + attended
+        return x + self.mlp(self.ln_2(x)), present
+
+
+class Transformer(nn.Module):
+    """A pre-LayerNorm GPT trunk (no dropout anywhere: PPO's ratio must not see random masks)."""
+
+    def __init__(self, vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int):
+        super().__init__()
+        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.wpe = nn.Embedding(block_size, n_embd)
+        self.blocks = nn.ModuleList(Block(n_embd, n_head) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd)
+        for module in self.modules():  # GPT-2 initialization
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+
+    def forward(self, tokens, mask, position_ids=None, past=None):
+        """tokens: (B, T); mask: (B, S) 1 for real tokens, S = cached + T; -> hidden (B, T, C), cache.
+
+        A query attends to earlier (causal) real keys, and always to itself: a padding query would
+        otherwise see no key at all (NaN softmax). Real queries never see padding, so a left-padded
+        row computes exactly what it computes alone.
+        """
+        T, S = tokens.shape[1], mask.shape[1]
+        if position_ids is None:
+            position_ids = position_ids_from_mask(mask)[:, S - T :]
+        query_index = torch.arange(S - T, S, device=tokens.device)[:, None]  # (T, 1)
+        key_index = torch.arange(S, device=tokens.device)[None, :]  # (1, S)
+        allowed = ((key_index <= query_index) & mask[:, None, :].bool()) | (
+            key_index == query_index
+        )
+        allowed = allowed[:, None]  # (B, 1, T, S), broadcast over heads
+        x = self.wte(tokens) + self.wpe(position_ids)
+        presents = []
+        for i, block in enumerate(self.blocks):
+            x, present = block(x, allowed, None if past is None else past[i])
+            presents.append(present)
+        return self.ln_f(x), presents
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+
+    @staticmethod
+    def from_args(args: Args) -> ModelConfig:
+        return ModelConfig(len(VOCAB), args.block_size, args.n_layer, args.n_head, args.n_embd)
+
+
+class LanguageModel(nn.Module):
+    """Transformer + a linear head over the vocabulary: the SFT model, the policy, the reference."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.trunk = Transformer(**asdict(config))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        nn.init.normal_(self.lm_head.weight, std=0.02)
+
+    def forward(self, tokens, mask, position_ids=None, past=None):
+        """-> logits (B, T, V), cache"""
+        hidden, presents = self.trunk(tokens, mask, position_ids, past)
+        return self.lm_head(hidden), presents
+
+
+class ScalarModel(nn.Module):
+    """Transformer + a scalar head: the reward model (read at the last real token) and the critic."""
+
+    def __init__(self, config: ModelConfig, head_std: float):
+        super().__init__()
+        self.config = config
+        self.trunk = Transformer(**asdict(config))
+        # head_std: 0 for the critic (V = 0 at the start), 1 / sqrt(n_embd + 1) for the reward model
+        # (the initialization of OpenAI's lm-human-preferences)
+        self.head = layer_init(nn.Linear(config.n_embd, 1), std=head_std)
+        # Reward normalization (Ziegler et al. 2019, arXiv:1909.08593): score = (raw - mean) / std with the
+        # mean and std of raw scores on SFT samples, so beta means the same whatever the RM's scale.
+        self.register_buffer("score_mean", torch.zeros(()))
+        self.register_buffer("score_std", torch.ones(()))
+
+    def forward(self, tokens, mask):
+        """-> one scalar per position (B, T)"""
+        hidden, _ = self.trunk(tokens, mask)
+        return self.head(hidden).squeeze(-1)
+
+
+def reward_model_score(reward_model: ScalarModel, tokens, mask, normalize: bool = True):
+    """The scalar at the last real token of each row (B,); rows may be left- and right-padded."""
+    last = mask.shape[1] - 1 - mask.flip(dims=[1]).argmax(dim=1)  # index of the last 1 in each row
+    raw = reward_model(tokens, mask).gather(1, last[:, None]).squeeze(1)
+    if not normalize:
+        return raw
+    return (raw - reward_model.score_mean) / reward_model.score_std
+
+
+# LOG-PROBS, KL AND SAMPLING
+
+
+def response_logits(model: LanguageModel, query_responses, mask, prompt_length, temperature):
+    """Logits of every response token (B, R, V), divided by the sampling temperature.
+
+    query_responses: (B, P + R) = left-padded prompt then response; mask (B, P + R). The logits at
+    position t predict token t + 1, so the response tokens are predicted by positions P-1 .. P+R-2.
+    The same temperature as in sampling, or the "old" log-probs belong to another policy than the
+    one that sampled (detail in arXiv:2403.17031).
+    """
+    logits, _ = model(query_responses, mask)
+    return logits[:, prompt_length - 1 : -1] / temperature
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits) at the chosen tokens: (B, R, V), (B, R) -> (B, R)"""
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Exact entropy of each token distribution: (B, R, V) -> (B, R)"""
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def exact_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """KL(pi || pi_ref) summed over the whole vocabulary at each position: (B, R, V) -> (B, R).
+
+    Affordable because the vocabulary is tiny; always >= 0, unlike the sampled k1 estimate.
+    """
+    logp, ref_logp = torch.log_softmax(logits, dim=-1), torch.log_softmax(ref_logits, dim=-1)
+    return (logp.exp() * (logp - ref_logp)).sum(-1)
+
+
+def kl_per_token(logprobs, ref_logprobs, estimator: str) -> torch.Tensor:
+    """Sampled estimates of KL(pi || pi_ref) at each token (Schulman, "Approximating KL divergence").
+
+    k1 = log pi - log pi_ref: unbiased, can be negative per token (the RLHF default, Ziegler et al.);
+    k3 = (r - 1) - log r with r = pi_ref / pi: unbiased and never negative.
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    return torch.expm1(-log_ratio) + log_ratio
+
+
+@torch.no_grad()
+def generate(model: LanguageModel, prompts, prompt_mask, response_length: int, temperature: float):
+    """Sample response_length tokens after left-padded prompts, with a KV cache.
+
+    prompts, prompt_mask: (B, P) -> responses (B, R) and the logits they were sampled from, already
+    divided by the temperature (B, R, V). Every row goes on sampling after its EOS (the batch stays
+    rectangular); truncate_after_eos() cuts those tokens afterwards.
+    """
+    logits, past = model(prompts, prompt_mask)
+    logits = logits[:, -1]  # left padding: the last column is every row's last prompt token
+    mask = prompt_mask
+    next_position = prompt_mask.sum(dim=1, keepdim=True)  # (B, 1) position of the next token
+    tokens, all_logits = [], []
+    for step in range(response_length):
+        all_logits.append(logits / temperature)
+        token = torch.multinomial(torch.softmax(all_logits[-1], dim=-1), 1)  # (B, 1)
+        tokens.append(token)
+        if step == response_length - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        logits, past = model(token, mask, position_ids=next_position, past=past)
+        logits = logits[:, -1]
+        next_position = next_position + 1
+    return torch.cat(tokens, dim=1), torch.stack(all_logits, dim=1)
+
+
+def truncate_after_eos(responses: torch.Tensor):
+    """Keep each response up to and including its first EOS; PAD after it.
+
+    responses: (B, R) -> (responses (B, R), mask (B, R) 1 on kept tokens, has_eos (B,) bool).
+    """
+    is_eos = responses == EOS
+    has_eos = is_eos.any(dim=1)
+    # EOS seen strictly before position t (an exclusive cumulative sum) -> position t is cut.
+    eos_before = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
+    mask = (~eos_before).long()
+    return responses.masked_fill(eos_before, PAD), mask, has_eos
+
+
+# THE ALGORITHM
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum()
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the entries where mask is 1; padding entries neither count nor change."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def per_token_rewards(scores, kl, mask, kl_coef: float) -> torch.Tensor:
+    """r_t = -beta * KL_t on every response token, plus the score on the last real token.
+
+    R = r - beta * log(pi / pi_ref) of Ziegler et al. (arXiv:1909.08593), spread over the tokens
+    as in OpenAI's lm-human-preferences:
+    scores (B,), kl (B, R), mask (B, R) -> rewards (B, R), 0 on padding.
+    """
+    rewards = -kl_coef * kl * mask
+    last = mask.sum(dim=1).long() - 1  # index of the last real token (the EOS if there is one)
+    rewards[torch.arange(len(scores), device=scores.device), last] += scores
+    return rewards
+
+
+def apply_missing_eos_penalty(scores, has_eos, penalty: float) -> torch.Tensor:
+    """Lower the score of responses that never ended (detail from arXiv:2403.17031)."""
+    return torch.where(has_eos, scores, scores - penalty)
+
+
+def compute_gae(rewards, values, mask, gamma: float, gae_lambda: float):
+    """Generalized Advantage Estimation over response tokens, eq. 16 of arXiv:1506.02438.
+
+    rewards, values, mask: (B, R). Each response is one episode that ends at its last real token:
+    delta_t = r_t + gamma * V_{t+1} - V_t with V = 0 after the end, A_t = delta_t + gamma*lambda*A_{t+1}.
+    Returns (advantages, returns), both (B, R) and 0 on padding; returns = advantages + values.
+    """
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * gae_lambda * next_advantage) * mask[:, t]
+        next_value = values[:, t]
+        advantages[:, t] = next_advantage
+    return advantages, (advantages + values) * mask
+
+
+def group_advantages(sequence_rewards: torch.Tensor, group_size: int, estimator: str):
+    """Critic-free baselines from the other samples of the same prompt. (B,) -> (B,).
+
+    Rows i*group_size .. (i+1)*group_size - 1 answer the same prompt.
+    grpo: (R - mean of group) / std of group (outcome supervision of arXiv:2402.03300);
+    rloo: R - mean of the *other* samples of the group (the leave-one-out baseline, arXiv:2402.14740).
+    """
+    grouped = sequence_rewards.view(-1, group_size)
+    mean = grouped.mean(dim=1, keepdim=True)
+    if estimator == "grpo":
+        advantages = (grouped - mean) / (grouped.std(dim=1, keepdim=True) + 1e-8)
+    else:
+        advantages = (grouped - mean) * group_size / (group_size - 1)  # = R_i - mean_{j != i} R_j
+    return advantages.reshape(-1)
+
+
+def ppo_loss(
+    new_logprobs, old_logprobs, entropy, new_values, old_values, advantages, returns, mask, args
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The PPO objective on one minibatch of tokens; all inputs (B, R), averaged over mask == 1.
+
+    loss = L^CLIP + vf_coef * L^VF - ent_coef * entropy, eq. 9 of arXiv:1707.06347 (negated).
+    new_values / old_values are None without a critic (grpo, rloo): no value loss.
+    """
+    logratio = (new_logprobs - old_logprobs) * mask
+    ratio = logratio.exp()  # pi_new(token) / pi_old(token), exactly 1 on padding
+    with torch.no_grad():
+        # KL(pi_old || pi_new) estimates: k1 = -log r and k3 = (r - 1) - log r.
+        old_approx_kl = masked_mean(-logratio, mask)
+        approx_kl = masked_mean((ratio - 1.0) - logratio, mask)
+        clipfrac = masked_mean(((ratio - 1.0).abs() > args.clip_coef).float(), mask)
+        ratio_max_deviation = ((ratio - 1.0).abs() * mask).max()
+
+    # L^CLIP, eq. 7 of arXiv:1707.06347: the pessimistic bound; outside [1 - eps, 1 + eps] in the
+    # direction the advantage favours, the clipped term is constant and its gradient vanishes.
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - args.clip_coef, 1.0 + args.clip_coef)
+    policy_loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
+
+    if new_values is None:
+        value_loss = torch.zeros((), device=new_logprobs.device)
+    else:
+        value_loss_unclipped = (new_values - returns) ** 2
+        if args.clip_vloss:  # clipped around the old prediction, as in PPO2's baselines code
+            values_clipped = old_values + torch.clamp(
+                new_values - old_values, -args.clip_coef, args.clip_coef
+            )
+            value_loss_max = torch.max(value_loss_unclipped, (values_clipped - returns) ** 2)
+            value_loss = 0.5 * masked_mean(value_loss_max, mask)
+        else:
+            value_loss = 0.5 * masked_mean(value_loss_unclipped, mask)
+
+    entropy_mean = masked_mean(entropy, mask)
+    loss = policy_loss - args.ent_coef * entropy_mean + args.vf_coef * value_loss
+    stats = {
+        "policy_loss": policy_loss.detach(),
+        "value_loss": value_loss.detach(),
+        "entropy": entropy_mean.detach(),
+        "old_approx_kl": old_approx_kl,
+        "approx_kl": approx_kl,
+        "clipfrac": clipfrac,
+        "ratio_max_deviation": ratio_max_deviation,
+        "loss": loss.detach(),
+    }
+    return loss, stats
+
+
+class AdaptiveKLController:
+    """beta_{t+1} = beta_t * (1 + K_beta * e_t * n / horizon), e_t = clip(KL / target - 1, +-0.2).
+
+    The proportional controller of Ziegler et al. 2019 (arXiv:1909.08593), with K_beta = 0.1.
+    """
+
+    def __init__(self, kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = kl_coef, target, horizon
+
+    def update(self, current_kl: float, num_responses: int) -> None:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + 0.1 * error * num_responses / self.horizon
+
+
+@dataclass
+class Rollout:
+    """One PPO batch: B = num_prompts * samples_per_prompt responses of at most R tokens."""
+
+    query_responses: torch.Tensor  # (B, P + R) left-padded prompt, then response, PAD after EOS
+    attention_mask: torch.Tensor  # (B, P + R) 1 on real tokens
+    response_mask: torch.Tensor  # (B, R) 1 on response tokens up to and including the first EOS
+    logprobs: torch.Tensor  # (B, R) log pi_old(token), recomputed by a forward pass
+    values: torch.Tensor | None  # (B, R) V(text before the token); None without a critic
+    advantages: torch.Tensor  # (B, R)
+    returns: torch.Tensor | None  # (B, R) critic targets; None without a critic
+    prompt_length: int
+
+
+# STAGES: SFT, REWARD MODEL
+
+
+def sentence_batch(sentences: list[list[str]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full sentences as BOS words EOS, left-padded: tokens (B, L), mask (B, L)."""
+    tokens, mask = left_pad([[BOS, *encode(s), EOS] for s in sentences])
+    return tokens.to(device), mask.to(device)
+
+
+def train_sft(args: Args, device, writer: SummaryWriter) -> LanguageModel:
+    """Next-token prediction on a corpus sampled from the grammar (AdamW, cosine learning rate)."""
+    rng = random.Random(args.seed)
+    corpus = [sample_sentence(rng) for _ in range(args.sft_corpus_size)]
+    model = LanguageModel(ModelConfig.from_args(args)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.sft_learning_rate, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / max(args.sft_steps, 1)))
+    )
+    start = time.time()
+    for step in range(args.sft_steps):
+        tokens, mask = sentence_batch(rng.sample(corpus, args.sft_batch_size), device)
+        logits, _ = model(tokens, mask)
+        # Predict token t+1 from position t, only where token t+1 is real (never a PAD target).
+        target_mask = mask[:, 1:].float()
+        losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
+        loss = masked_mean(losses, target_mask)
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 50 == 0 or step == args.sft_steps - 1:
+            writer.add_scalar("sft/loss", loss.item(), step)
+    print(
+        f"SFT: {args.sft_steps} steps in {time.time() - start:.1f}s, final loss {loss.item():.3f}"
+    )
+    return model
+
+
+def preference_pairs(num_pairs: int, rng: random.Random):
+    """Pairs of grammar sentences; which one is "chosen" is drawn from the Bradley-Terry model
+    P(a preferred to b) = sigmoid(gold(a) - gold(b)), so preferences are noisy like human ones.
+
+    Only valid sentences are ever compared: the reward model has no data about broken text.
+    Returns (chosen, rejected) word lists.
+    """
+    chosen, rejected = [], []
+    for _ in range(num_pairs):
+        a, b = sample_sentence(rng), sample_sentence(rng)
+        p_a = 1.0 / (1.0 + math.exp(gold_score(b) - gold_score(a)))
+        if rng.random() >= p_a:
+            a, b = b, a
+        chosen.append(a)
+        rejected.append(b)
+    return chosen, rejected
+
+
+def train_reward_model(args: Args, sft: LanguageModel, device, writer) -> ScalarModel:
+    """Bradley-Terry loss -log sigmoid(r(chosen) - r(rejected)) (Ouyang et al. 2022, eq. 1).
+
+    The trunk starts from the SFT model (as in InstructGPT); the head is a fresh scalar layer.
+    Reports the accuracy against the noise-free gold order on held-out pairs.
+    """
+    rng = random.Random(args.seed + 1)
+    chosen, rejected = preference_pairs(args.rm_num_pairs, rng)
+    model = ScalarModel(sft.config, head_std=1.0 / math.sqrt(sft.config.n_embd + 1)).to(device)
+    model.trunk.load_state_dict(sft.trunk.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.rm_learning_rate, weight_decay=0.01)
+    start, step = time.time(), 0
+    for _ in range(args.rm_epochs):
+        order = list(range(args.rm_num_pairs))
+        rng.shuffle(order)
+        for i in range(0, args.rm_num_pairs - args.rm_batch_size + 1, args.rm_batch_size):
+            idx = order[i : i + args.rm_batch_size]
+            tokens, mask = sentence_batch(
+                [chosen[j] for j in idx] + [rejected[j] for j in idx], device
+            )
+            scores = reward_model_score(model, tokens, mask, normalize=False)
+            score_chosen, score_rejected = scores.chunk(2)
+            loss = -F.logsigmoid(score_chosen - score_rejected).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            if step % 20 == 0:
+                writer.add_scalar("reward_model/loss", loss.item(), step)
+            step += 1
+    accuracy = reward_model_accuracy(model, random.Random(args.seed + 2), device)
+    writer.add_scalar("reward_model/heldout_accuracy", accuracy, step)
+    print(
+        f"reward model: {step} steps in {time.time() - start:.1f}s, held-out accuracy "
+        f"{accuracy:.1%} (pairs with different gold scores)"
+    )
+    return model
+
+
+@torch.no_grad()
+def reward_model_accuracy(model: ScalarModel, rng: random.Random, device, num_pairs: int = 1000):
+    """The fraction of fresh pairs with different gold scores that the reward model orders right."""
+    a = [sample_sentence(rng) for _ in range(num_pairs)]
+    b = [sample_sentence(rng) for _ in range(num_pairs)]
+    scores = reward_model_score(model, *sentence_batch(a + b, device), normalize=False)
+    gold_diff = torch.tensor(
+        [gold_score(x) - gold_score(y) for x, y in zip(a, b, strict=True)], device=device
+    )
+    score_diff = scores[:num_pairs] - scores[num_pairs:]
+    decided = gold_diff != 0
+    return ((score_diff * gold_diff > 0) & decided).sum().item() / max(decided.sum().item(), 1)
+
+
+# PROMPTS, ROLLOUTS, EVALUATION, UPDATE
+
+
+def make_prompts(num: int, max_words: int, rng: random.Random) -> list[list[int]]:
+    """Prompts = BOS + the first 1..max_words words of fresh grammar sentences."""
+    return [[BOS, *encode(sample_sentence(rng)[: rng.randint(1, max_words)])] for _ in range(num)]
+
+
+@torch.no_grad()
+def sample_and_score(policy, reference, reward_model, prompts, args: Args, device):
+    """Sample one response per prompt and score it: everything a rollout or an evaluation needs.
+
+    Returns a dict of tensors on device: query_responses (B, P+R), attention_mask (B, P+R),
+    responses (B, R), response_mask (B, R), has_eos (B,), scores (B,) (proxy, with the missing-EOS
+    penalty), raw_scores (B,), logprobs / ref_logprobs / exact_kl / entropy (B, R); and the time
+    spent sampling.
+    """
+    query, query_mask = (t.to(device) for t in left_pad(prompts))
+    start = time.perf_counter()
+    responses, _ = generate(policy, query, query_mask, args.response_length, args.temperature)
+    sampling_time = time.perf_counter() - start
+    responses, response_mask, has_eos = truncate_after_eos(responses)
+    query_responses = torch.cat([query, responses], dim=1)
+    attention_mask = torch.cat([query_mask, response_mask], dim=1)
+    prompt_length = query.shape[1]
+    # Recompute the log-probs with one full forward pass rather than keeping those of sampling:
+    # the update recomputes them with the same function, so the first ratio is exactly 1.
+    logits = response_logits(
+        policy, query_responses, attention_mask, prompt_length, args.temperature
+    )
+    ref_logits = response_logits(
+        reference, query_responses, attention_mask, prompt_length, args.temperature
+    )
+    raw_scores = reward_model_score(reward_model, query_responses, attention_mask)
+    return {
+        "query_responses": query_responses,
+        "attention_mask": attention_mask,
+        "prompt_length": prompt_length,
+        "responses": responses,
+        "response_mask": response_mask,
+        "has_eos": has_eos,
+        "raw_scores": raw_scores,
+        "scores": apply_missing_eos_penalty(raw_scores, has_eos, args.missing_eos_penalty),
+        "logprobs": logprobs_of(logits, responses),
+        "ref_logprobs": logprobs_of(ref_logits, responses),
+        "exact_kl": exact_kl(logits, ref_logits),
+        "entropy": entropy_from_logits(logits),
+        "sampling_time": sampling_time,
+    }
+
+
+def text_metrics(batch: dict) -> dict:
+    """Exact quality of sampled text: validity, gold score, EOS rate, length, distinct-2, and texts."""
+    texts, valid, gold, bigrams, num_bigrams = [], [], [], set(), 0
+    for row, ended in zip(
+        batch["query_responses"].tolist(), batch["has_eos"].tolist(), strict=True
+    ):
+        words = decode(row)
+        texts.append(" ".join(words) + ("" if ended else " [no EOS]"))
+        valid.append(ended and is_valid(words))
+        gold.append(gold_score(words, ended))
+        pairs = list(zip(words[:-1], words[1:], strict=True))
+        bigrams.update(pairs)
+        num_bigrams += len(pairs)
+    n = len(texts)
+    return {
+        "validity": sum(valid) / n,
+        "gold": sum(gold) / n,
+        "eos_rate": batch["has_eos"].float().mean().item(),
+        "response_length": batch["response_mask"].sum(1).float().mean().item(),
+        "distinct_2": len(bigrams) / max(num_bigrams, 1),
+        "texts": texts,
+    }
+
+
+def evaluate(policy, reference, reward_model, prompts, args: Args, device) -> dict:
+    """Proxy and gold reward, validity, EOS rate, length, distinct-2 and KL (k1, k3, exact) to the
+    reference, on a fixed set of held-out prompts (one response each)."""
+    batch = sample_and_score(policy, reference, reward_model, prompts, args, device)
+    mask = batch["response_mask"]
+    per_response = lambda x: (x * mask).sum(1).mean().item()  # noqa: E731 (nats per response)
+    return {
+        "proxy": batch["scores"].mean().item(),
+        **text_metrics(batch),
+        "kl_k1": per_response(kl_per_token(batch["logprobs"], batch["ref_logprobs"], "k1")),
+        "kl_k3": per_response(kl_per_token(batch["logprobs"], batch["ref_logprobs"], "k3")),
+        "kl_exact": per_response(batch["exact_kl"]),
+    }
+
+
+def policy_forward(policy, critic, rollout: Rollout, idx, args: Args):
+    """New log-probs, entropy (B, R) and values (B, R) or None for the rows idx of the rollout."""
+    tokens, mask = rollout.query_responses[idx], rollout.attention_mask[idx]
+    logits = response_logits(policy, tokens, mask, rollout.prompt_length, args.temperature)
+    responses = tokens[:, rollout.prompt_length :]
+    values = None
+    if critic is not None:
+        values = critic(tokens, mask)[:, rollout.prompt_length - 1 : -1]
+    return logprobs_of(logits, responses), entropy_from_logits(logits), values
+
+
+def ppo_update(policy, critic, optimizer, rollout: Rollout, args: Args) -> list[dict]:
+    """update_epochs passes over the rollout in shuffled minibatches of responses.
+
+    Returns the statistics of every minibatch in order: the first one's ratio is exactly 1.
+    They stay on the device until the update ends (no host sync per minibatch).
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    history = []
+    for _epoch in range(args.update_epochs):
+        permutation = torch.randperm(args.batch_size, device=rollout.logprobs.device)
+        for start in range(0, args.batch_size, args.minibatch_size):
+            idx = permutation[start : start + args.minibatch_size]
+            new_logprobs, entropy, new_values = policy_forward(policy, critic, rollout, idx, args)
+            loss, stats = ppo_loss(
+                new_logprobs, rollout.logprobs[idx], entropy, new_values,
+                None if rollout.values is None else rollout.values[idx],
+                rollout.advantages[idx], None if rollout.returns is None else rollout.returns[idx],
+                rollout.response_mask[idx], args,
+            )  # fmt: skip
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # one global norm, all weights
+            optimizer.step()
+            history.append(stats)
+        if args.target_kl is not None and stats["approx_kl"].item() > args.target_kl:
+            break
+    keys = list(history[0])
+    table = torch.stack([torch.stack([stats[key] for key in keys]) for stats in history]).tolist()
+    return [dict(zip(keys, row, strict=True)) for row in table]
+
+
+def make_rollout(batch: dict, critic, kl_coef: float, args: Args) -> tuple[Rollout, dict]:
+    """Per-token rewards and advantages for a sampled batch. Returns the rollout and its statistics."""
+    mask = batch["response_mask"].float()
+    kl = kl_per_token(batch["logprobs"], batch["ref_logprobs"], args.kl_estimator) * mask
+    values = returns = None
+    if args.advantage_estimator == "gae":
+        with torch.no_grad():
+            values = critic(batch["query_responses"], batch["attention_mask"])
+            values = values[:, batch["prompt_length"] - 1 : -1] * mask
+        rewards = per_token_rewards(batch["scores"], kl, mask, kl_coef)
+        if args.whiten_rewards:  # scale only: shifting would reward or punish length
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = compute_gae(rewards, values, mask, args.gamma, args.gae_lambda)
+    else:
+        # The same KL-penalized reward, summed per response (as in RLOO, arXiv:2402.14740; GRPO
+        # puts a k3 KL term in the loss instead, we keep it in the reward so only the baseline differs).
+        sequence_rewards = batch["scores"] - kl_coef * kl.sum(dim=1)
+        seq_adv = group_advantages(
+            sequence_rewards, args.samples_per_prompt, args.advantage_estimator
+        )
+        advantages = seq_adv[:, None] * mask  # every token of a response shares its advantage
+    # Whitened over the valid tokens of the whole rollout (arXiv:2403.17031): padding must not
+    # shift the statistics.
+    if args.norm_adv:
+        advantages = masked_whiten(advantages, mask)
+    rollout = Rollout(
+        batch["query_responses"], batch["attention_mask"], mask, batch["logprobs"], values,
+        advantages, returns, batch["prompt_length"],
+    )  # fmt: skip
+    stats = {
+        "score": batch["scores"].mean().item(),
+        "kl": (kl.sum(1)).mean().item(),
+        "kl_exact": (batch["exact_kl"] * mask).sum(1).mean().item(),
+        "non_score_reward": (-kl_coef * kl.sum(1)).mean().item(),
+        "entropy": masked_mean(batch["entropy"], mask).item(),
+    }
+    return rollout, stats
+
+
+# CHECKPOINTS
+
+
+def save_model(path: Path, model: nn.Module, stage: str) -> None:
+    """One stage's weights with the model shape, written to a temporary file and renamed."""
+    payload = {"script": SCRIPT_NAME, "stage": stage, "config": asdict(model.config),
+               "model": model.state_dict()}  # fmt: skip
+    tmp_path = path.with_suffix(".tmp")
+    torch.save(payload, tmp_path)
+    tmp_path.replace(path)
+
+
+def load_model(path: str, stage: str, model: nn.Module) -> nn.Module:
+    """Load a stage checkpoint of this script into model, or raise a one-line ConfigError."""
+    if not Path(path).is_file():
+        raise ConfigError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("script") != SCRIPT_NAME:
+        raise ConfigError(f"{path} is not a checkpoint of {SCRIPT_NAME}")
+    if payload.get("stage") != stage:
+        raise ConfigError(f"{path} holds the {payload.get('stage')} model, not the {stage} model")
+    if payload["config"] != asdict(model.config):
+        raise ConfigError(
+            f"{path} has model shape {payload['config']}, but the flags ask for {asdict(model.config)}"
+        )
+    model.load_state_dict(payload["model"])
+    return model
+
+
+# TRAINING
+
+
+def select_device(args: Args) -> torch.device:
+    return torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:  # cuBLAS needs this before its first call to have deterministic matmuls
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # warn_only: a CUDA op without a deterministic kernel warns instead of stopping the run
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def log_eval(writer, prefix: str, metrics: dict, step: int) -> None:
+    for key, value in metrics.items():
+        if key != "texts":
+            writer.add_scalar(f"{prefix}/{key}", value, step)
+
+
+def print_eval(title: str, metrics: dict, num_texts: int) -> None:
+    print(
+        f"{title}: proxy {metrics['proxy']:+.2f} | gold {metrics['gold']:+.2f} | valid "
+        f"{metrics['validity']:.1%} | EOS {metrics['eos_rate']:.1%} | length "
+        f"{metrics['response_length']:.1f} | distinct-2 {metrics['distinct_2']:.2f} | KL k1 "
+        f"{metrics['kl_k1']:.2f} k3 {metrics['kl_k3']:.2f} exact {metrics['kl_exact']:.2f}"
+    )
+    for text in metrics["texts"][:num_texts]:
+        print(f"    {text}")
+
+
+def log_iteration(writer, record: dict, history: list[dict], throughput: dict, optimizer, args):
+    """TensorBoard scalars of one PPO iteration, at x = responses sampled so far."""
+    episode = record["episode"]
+    for key in ("score", "kl", "kl_exact", "non_score_reward", "entropy", "gold", "validity"):
+        writer.add_scalar(f"objective/{key}", record[key], episode)
+    rlhf_reward = record["score"] + record["non_score_reward"]
+    writer.add_scalar("objective/rlhf_reward", rlhf_reward, episode)
+    for key in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"):
+        mean = sum(stats[key] for stats in history) / len(history)  # over all minibatches
+        writer.add_scalar(f"losses/{key}", mean, episode)
+    writer.add_scalar("charts/beta", record["beta"], episode)
+    writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], episode)
+    writer.add_scalar("charts/eos_rate", record["eos_rate"], episode)
+    writer.add_scalar("charts/response_length", record["response_length"], episode)
+    writer.add_scalar("charts/update_epochs", len(history) // args.num_minibatches, episode)
+    for key, value in throughput.items():
+        writer.add_scalar(f"charts/{key}", value, episode)
+
+
+def build_models(args: Args, device, writer, run_dir: Path):
+    """Stages 1 and 2: the SFT model and the (normalized) reward model, trained or loaded."""
+    config = ModelConfig.from_args(args)
+    if args.sft_checkpoint:
+        sft = load_model(args.sft_checkpoint, "sft", LanguageModel(config)).to(device)
+        print(f"SFT model loaded from {args.sft_checkpoint}")
+    else:
+        sft = train_sft(args, device, writer)
+    save_model(run_dir / "sft.pt", sft, "sft")
+    head_std = 1.0 / math.sqrt(args.n_embd + 1)
+    if args.reward_model_checkpoint:
+        reward_model = ScalarModel(config, head_std)
+        reward_model = load_model(args.reward_model_checkpoint, "reward_model", reward_model)
+        reward_model = reward_model.to(device)
+        print(f"reward model loaded from {args.reward_model_checkpoint}")
+    else:
+        reward_model = train_reward_model(args, sft, device, writer)
+        # Normalize on SFT samples so the SFT policy scores mean 0, std 1 (Ziegler et al.).
+        prompts = make_prompts(1024, args.max_prompt_words, random.Random(args.seed + 3))
+        raw = sample_and_score(sft, sft, reward_model, prompts, args, device)["raw_scores"]
+        reward_model.score_mean.copy_(raw.mean())
+        reward_model.score_std.copy_(raw.std())
+    save_model(run_dir / "reward_model.pt", reward_model, "reward_model")
+    for model in (sft, reward_model):
+        model.eval().requires_grad_(False)
+    return sft, reward_model
+
+
+def train(args: Args) -> dict:
+    """Run SFT, the reward model and PPO; return the summary also written to <run>/summary.json."""
+    validate_args(args)
+    seed_everything(args.seed, args.torch_deterministic)
+    torch.set_num_threads(args.num_threads)
+    device = select_device(args)
+    run_dir = Path(args.runs_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if args.track:
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name,
+            config=asdict(args), dir=str(run_dir), sync_tensorboard=True,
+        )  # fmt: skip
+    writer = SummaryWriter(str(run_dir))
+    hyperparameters = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
+    start_time = time.time()
+    summary = {"script": SCRIPT_NAME, "seed": args.seed, "status": "failed",
+               "advantage_estimator": args.advantage_estimator, "kl_coef": args.kl_coef,
+               "run_dir": str(run_dir)}  # fmt: skip
+    policy = None
+
+    # SIGTERM (e.g. from a cluster scheduler) is handled like Ctrl-C: save, flush, exit.
+    def raise_interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous_sigterm = None
+    if threading.current_thread() is threading.main_thread():
+        previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        sft, reward_model = build_models(args, device, writer, run_dir)
+        # The policy and the reference start as copies of the SFT model; the reference is a
+        # distinct, frozen object, so updating the policy can never move it.
+        policy = copy.deepcopy(sft).train().requires_grad_(True)
+        reference = sft
+        critic = None
+        if args.advantage_estimator == "gae":
+            # The critic: the SFT trunk with a zero-initialized value head, so V = 0 at the start
+            # and the first advantages are the plain rewards (detail from lm-human-preferences).
+            critic = ScalarModel(sft.config, head_std=0.0).to(device)
+            critic.trunk.load_state_dict(sft.trunk.state_dict())
+        params = list(policy.parameters()) + ([] if critic is None else list(critic.parameters()))
+        optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
+        # PPO starts from the same random state whether the stages were trained or loaded, so a
+        # rerun with --sft-checkpoint / --reward-model-checkpoint reproduces the PPO numbers.
+        torch.manual_seed(args.seed + 6)
+        kl_controller = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
+        run_ppo(args, policy, critic, reference, reward_model, optimizer, kl_controller, writer,
+                device, start_time, summary)  # fmt: skip
+        summary["status"] = "completed"
+    except KeyboardInterrupt:
+        summary["status"] = "interrupted"
+        print("interrupted: saving the policy and the logs", flush=True)
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+        if policy is not None:
+            save_model(run_dir / "policy.pt", policy, "policy")
+        summary["wall_time_s"] = time.time() - start_time
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        writer.close()
+        if args.track:
+            import wandb
+
+            wandb.finish()
+    return summary
+
+
+def run_ppo(args, policy, critic, reference, reward_model, optimizer, kl_controller, writer,
+            device, start_time, results: dict) -> None:  # fmt: skip
+    """Stage 3: the PPO loop (collect, estimate advantages, update, log).
+
+    Writes its results into `results` as it goes, so an interruption keeps what was measured.
+    """
+    prompt_rng = random.Random(args.seed + 4)
+    eval_prompts = make_prompts(
+        args.eval_prompts, args.max_prompt_words, random.Random(args.seed + 5)
+    )
+    results["history"] = []
+    evaluation = evaluate(policy, reference, reward_model, eval_prompts, args, device)
+    results["sft"] = {k: v for k, v in evaluation.items() if k != "texts"}
+    results["samples_before"] = evaluation["texts"][: args.num_sample_texts]
+    log_eval(writer, "eval", evaluation, 0)
+    print_eval("SFT policy (before PPO)", evaluation, args.num_sample_texts)
+
+    sampling_time = update_time = 0.0
+    sampled_tokens = updated_tokens = 0
+    ppo_start = time.time()
+    for iteration in range(1, args.num_iterations + 1):
+        episode = iteration * args.batch_size
+        if args.anneal_lr:  # linear annealing of the learning rate to 0
+            frac = 1.0 - (iteration - 1.0) / args.num_iterations
+            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+
+        # COLLECT: num_prompts prompts, each repeated samples_per_prompt times (rows of a group are
+        # adjacent, as group_advantages expects)
+        prompts = make_prompts(args.num_prompts, args.max_prompt_words, prompt_rng)
+        prompts = [p for p in prompts for _ in range(args.samples_per_prompt)]
+        policy.eval()
+        batch = sample_and_score(policy, reference, reward_model, prompts, args, device)
+        sampling_time += batch["sampling_time"]
+        sampled_tokens += args.batch_size * args.response_length
+
+        # CALCULATE ADVANTAGE
+        rollout, rollout_stats = make_rollout(batch, critic, kl_controller.value, args)
+
+        # UPDATE NETWORK
+        policy.train()
+        start = time.perf_counter()
+        history = ppo_update(policy, critic, optimizer, rollout, args)
+        update_time += time.perf_counter() - start
+        updated_tokens += rollout.query_responses.numel() * len(history) // args.num_minibatches
+        if args.adaptive_kl:
+            kl_controller.update(rollout_stats["kl"], args.batch_size)
+
+        # LOG
+        quality = text_metrics(batch)
+        record = {"iteration": iteration, "episode": episode, **rollout_stats,
+                  "gold": quality["gold"], "validity": quality["validity"],
+                  "eos_rate": quality["eos_rate"], "response_length": quality["response_length"],
+                  "beta": kl_controller.value}  # fmt: skip
+        results["history"].append(record)
+        throughput = {"sampling_tokens_per_s": sampled_tokens / sampling_time,
+                      "update_tokens_per_s": updated_tokens / update_time}  # fmt: skip
+        log_iteration(writer, record, history, throughput, optimizer, args)
+        elapsed = time.time() - ppo_start
+        eta = elapsed / iteration * (args.num_iterations - iteration)
+        print(
+            f"iteration {iteration:>3}/{args.num_iterations} | {format_duration(elapsed)} ETA "
+            f"{format_duration(eta)} | score {record['score']:+.2f} gold {record['gold']:+.2f} valid "
+            f"{record['validity']:.0%} | KL {record['kl']:.2f} beta {kl_controller.value:.3f}",
+            flush=True,
+        )
+        if iteration % args.eval_interval == 0 and iteration != args.num_iterations:
+            evaluation = evaluate(policy, reference, reward_model, eval_prompts, args, device)
+            log_eval(writer, "eval", evaluation, episode)
+
+    policy.eval()
+    evaluation = evaluate(policy, reference, reward_model, eval_prompts, args, device)
+    results["final"] = {k: v for k, v in evaluation.items() if k != "texts"}
+    results["samples_after"] = evaluation["texts"][: args.num_sample_texts]
+    log_eval(writer, "eval", evaluation, args.num_iterations * args.batch_size)
+    writer.add_text("samples/before", "\n\n".join(results["samples_before"]), 0)
+    writer.add_text("samples/after", "\n\n".join(results["samples_after"]), args.num_iterations)
+    print_eval("policy after PPO", evaluation, args.num_sample_texts)
+    results.update({
+        "iterations": args.num_iterations,
+        "episodes": args.num_iterations * args.batch_size,
+        "final_beta": kl_controller.value,
+        "sampling_tokens_per_s": sampled_tokens / sampling_time,
+        "update_tokens_per_s": updated_tokens / update_time,
+        "ppo_time_s": time.time() - ppo_start,
+    })  # fmt: skip
+    print(
+        f"done in {format_duration(time.time() - start_time)}: sampling "
+        f"{results['sampling_tokens_per_s']:,.0f} tokens/s, update "
+        f"{results['update_tokens_per_s']:,.0f} tokens/s"
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """tyro.cli(Args), but a rejected command line becomes a one-line ConfigError.
+
+    tyro reports unknown flags and invalid choices (e.g. --advantage-estimator foo) in a framed box;
+    its message is kept, the frame dropped, so every bad input reads the same way.
+    """
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return tyro.cli(Args, args=argv)
+    except SystemExit as e:
+        if not e.code:  # --help: nothing went wrong
+            sys.stderr.write(captured.getvalue())
+            raise
+        lines = []
+        for line in captured.getvalue().splitlines()[1:]:  # the first line is the box's title
+            text = line.strip(" \u2502\u256d\u256e\u2570\u256f")
+            if text.startswith("\u2500") or text.startswith("For full helptext"):
+                break
+            lines.append(text)
+        message = " ".join(" ".join(lines).split()) or "invalid command line (see --help)"
+        raise ConfigError(message) from None
+
+
+def main() -> None:
+    try:
+        args = parse_args()
+        if train(args)["status"] == "interrupted":
+            sys.exit(130)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
