@@ -1,0 +1,554 @@
+"""Tests of ppo_atari.py: each Atari preprocessing detail on a real game, on both environment paths;
+the gymnasium 1.x rollout (no phantom transitions, life loss as episode end), the advantage
+estimation, two-process data parallelism, checkpoints, evaluation in a fresh process, resume,
+determinism and bad input."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ppo_atari as pa
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = str(REPO / "ppo_atari.py")
+BACKENDS = ["ale_vector", "gymnasium"]
+
+
+def tiny_args(tmp_path, **overrides) -> pa.Args:
+    """A run of a few seconds: 2 iterations of 4 envs x 16 steps on Breakout."""
+    base = pa.Args(
+        total_timesteps=128, num_envs=4, num_steps=16, num_minibatches=2, update_epochs=2,
+        runs_dir=str(tmp_path / "runs"), eval_episodes=1, cuda=False,
+    )  # fmt: skip
+    return replace(base, **overrides)
+
+
+def run_cli(*flags, env=None, timeout=120):
+    return subprocess.run(
+        [sys.executable, SCRIPT, *flags], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})}, cwd=REPO,
+    )  # fmt: skip
+
+
+def t(rows):
+    """A (T, N) float tensor from nested lists."""
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+# ADVANTAGE ESTIMATION (the same function and semantics as ppo_continuous.py)
+
+
+def test_gae_termination_hand_computed():
+    gamma, lam = 0.9, 0.8
+    rewards, values = t([[1.0], [2.0], [3.0]]), t([[0.5], [1.0], [2.0]])
+    next_values = t([[1.0], [7.0], [4.0]])  # V(s1), V(final obs) (ignored: terminal), V(s_T)
+    terminations, ends = t([[0], [1], [0]]), t([[0], [1], [0]])
+    adv, ret = pa.compute_gae(rewards, values, next_values, terminations, ends, gamma, lam)
+    d2, d1, d0 = 3.0 + 0.9 * 4.0 - 2.0, 2.0 - 1.0, 1.0 + 0.9 * 1.0 - 0.5
+    expected = [d0 + gamma * lam * d1, d1, d2]  # the recursion stops at the episode end
+    assert adv.squeeze(1).tolist() == pytest.approx(expected)
+    assert (ret - adv).squeeze(1).tolist() == pytest.approx([0.5, 1.0, 2.0])
+
+
+def test_gae_truncation_bootstraps_from_final_observation():
+    gamma, lam = 0.99, 0.95
+    rewards, values = t([[1.0], [1.0]]), t([[2.0], [3.0]])
+    next_values = t([[5.0], [3.5]])  # 5.0 = V(final obs) of the ended episode
+    ends = t([[1], [0]])
+    adv_term, _ = pa.compute_gae(rewards, values, next_values, t([[1], [0]]), ends, gamma, lam)
+    adv_trunc, _ = pa.compute_gae(rewards, values, next_values, t([[0], [0]]), ends, gamma, lam)
+    assert adv_term[0, 0].item() == pytest.approx(1.0 - 2.0)
+    assert adv_trunc[0, 0].item() == pytest.approx(1.0 + gamma * 5.0 - 2.0)
+    assert adv_term[1, 0].item() == pytest.approx(adv_trunc[1, 0].item())
+
+
+# ATARI PREPROCESSING, OBSERVED ON REAL GAMES, ON BOTH PATHS
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_observation_format_and_frame_stack_order(backend):
+    envs = pa.make_vector_env("BreakoutNoFrameskip-v4", 2, backend)
+    assert envs.single_observation_space.shape == (4, 84, 84)
+    assert envs.single_observation_space.dtype == np.uint8
+    assert envs.single_action_space.n == 4
+    assert envs.metadata["autoreset_mode"] == pa.gym.vector.AutoresetMode.SAME_STEP
+    obs, _ = envs.reset(seed=0)
+    assert obs.shape == (2, 4, 84, 84) and obs.dtype == np.uint8
+    # A new game: the 3 older slots are zero padding, the newest frame is last.
+    assert not obs[:, :3].any() and obs[:, 3].any()
+    for _ in range(5):
+        new_obs, *_ = envs.step(np.array([2, 3]))
+        assert np.array_equal(new_obs[:, :3], obs[:, 1:])  # oldest first, shifted by one
+        obs = new_obs
+    assert obs[:, 0].any()  # by now real frames in every slot
+    envs.close()
+
+
+@pytest.mark.parametrize(
+    ("backend", "fire_frames", "noop_range"),
+    # gymnasium's AtariPreprocessing: 1-30 no-op frames, then our FIRE step of 4 frames.
+    # ale-py's vector env (src/ale/vector/preprocessed_env.cpp): 1 FIRE frame, then 0-28 no-ops.
+    [("gymnasium", 4, (1, 30)), ("ale_vector", 1, (0, 28))],
+)
+def test_noop_reset_takes_up_to_30_noop_frames(backend, fire_frames, noop_range):
+    envs = pa.make_vector_env("BreakoutNoFrameskip-v4", 8, backend)
+    frames = []
+    for seed in range(0, 64, 8):
+        _, info = envs.reset(seed=seed)
+        frames.extend(info["episode_frame_number"].tolist())
+    envs.close()
+    noops = [f - fire_frames for f in frames]
+    assert all(noop_range[0] <= n <= noop_range[1] for n in noops), noops
+    assert len(set(noops)) >= 15  # random, spread over the range
+
+
+def test_max_and_skip_pools_the_last_two_of_four_frames():
+    import cv2
+
+    env = pa.make_atari_env("BreakoutNoFrameskip-v4")
+    env.reset(seed=0)
+    ale = env.unwrapped.ale
+    action_set = env.unwrapped._action_set
+    pooled_differs_from_last = False
+    for step in range(40):
+        action = [1, 2, 3][step % 3]
+        state = ale.cloneState()
+        obs = env.step(action)[0][-1]  # the newest frame of the stack
+        ale.restoreState(state)  # replay the same 4 frames by hand (v4: no sticky actions)
+        screens = []
+        for _ in range(4):
+            ale.act(action_set[action])
+            screens.append(ale.getScreenGrayscale())
+        resize = lambda s: cv2.resize(s, (84, 84), interpolation=cv2.INTER_AREA)  # noqa: E731
+        assert np.array_equal(obs, resize(np.maximum(screens[2], screens[3])))
+        pooled_differs_from_last |= not np.array_equal(obs, resize(screens[3]))
+    assert pooled_differs_from_last  # the pooling was really exercised (the ball moves)
+    env.close()
+
+
+def test_both_paths_compute_the_same_pixels():
+    """With the reset's randomness off (no no-ops, no FIRE) and the settings make_vector_env uses,
+    ale-py's C++ preprocessing and gymnasium's wrappers give identical pixels for the same actions:
+    the same max over the last two frames, grayscale palette, INTER_AREA resize and stack order."""
+    from ale_py.vector_env import AtariVectorEnv
+
+    fast = AtariVectorEnv(
+        "breakout", 1, noop_max=0, use_fire_reset=False, frameskip=4, maxpool=True, stack_num=4,
+        img_height=84, img_width=84, grayscale=True, repeat_action_probability=0.0,
+        autoreset_mode=pa.gym.vector.AutoresetMode.SAME_STEP,
+    )  # fmt: skip
+    readable = pa.gym.make("BreakoutNoFrameskip-v4", frameskip=1)
+    readable = pa.gym.wrappers.AtariPreprocessing(
+        readable, noop_max=0, frame_skip=4, screen_size=84
+    )
+    readable = pa.gym.wrappers.FrameStackObservation(readable, 4, padding_type="zero")
+    obs_fast, _ = fast.reset(seed=0)
+    obs_readable, _ = readable.reset(seed=0)
+    assert np.array_equal(obs_fast[0], obs_readable)
+    for step in range(60):
+        action = [1, 2, 2, 3, 0][step % 5]
+        obs_fast = fast.step(np.array([action]))[0]
+        obs_readable = readable.step(action)[0]
+        assert np.array_equal(obs_fast[0], obs_readable), step
+    fast.close()
+    readable.close()
+
+
+def play_one_game(backend: str, env_id: str, policy) -> dict:
+    """Play env 0 until its first game ends; record what the learner sees at every step."""
+    envs = pa.make_vector_env(env_id, 1, backend)
+    obs, info = envs.reset(seed=3)
+    lives, steps, rewards, life_losses = int(info["lives"][0]), 0, [], 0
+    while True:
+        new_obs, reward, terminated, truncated, info = envs.step(policy(steps))
+        steps += 1
+        rewards.append(float(reward[0]))
+        games = pa.finished_games(info)
+        if terminated[0] and not games:  # a lost life: the learning episode ends, the game goes on
+            life_losses += 1
+            assert int(info["lives"][0]) == lives - life_losses
+            assert np.array_equal(info["final_obs"][0], new_obs[0])  # no reset happened
+            assert np.array_equal(new_obs[0, :3], obs[0, 1:])  # the same game goes on
+        if games:
+            assert terminated[0] or truncated[0]
+            assert not new_obs[0, :3].any()  # the next game starts
+            envs.close()
+            return {"game": games[0], "steps": steps, "rewards": rewards,
+                    "life_losses": life_losses, "lives": lives}  # fmt: skip
+        obs = new_obs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_life_loss_ends_the_learning_episode_but_not_the_game_and_score_is_unclipped(backend):
+    rng = np.random.default_rng(0)
+    result = play_one_game(backend, "SpaceInvadersNoFrameskip-v4", lambda _: rng.integers(0, 6, 1))
+    score, length = result["game"]
+    assert result["lives"] == 3 and result["life_losses"] == 2  # 3 lives, one game
+    assert length == result["steps"]  # the reported length spans all lives
+    assert set(result["rewards"]) <= {-1.0, 0.0, 1.0}  # the learner gets sign-clipped rewards
+    # Invaders are worth 5 to 30 points: the reported full-game score is the raw one.
+    assert score >= 5 * sum(result["rewards"]) > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fire_on_reset_serves_the_first_ball_only(backend):
+    envs = pa.make_vector_env("BreakoutNoFrameskip-v4", 1, backend)
+    envs.reset(seed=0)
+    lost = 0
+    for _ in range(300):  # NOOP only: the agent itself never presses FIRE
+        _, _, terminated, _, info = envs.step(np.array([0]))
+        lost += int(terminated[0])
+    envs.close()
+    # FIRE at the game's start serves one ball, which is lost; nobody serves the next one.
+    # (No FIRE at all: 0 lives lost; FIRE after each lost life too: 5.)
+    assert lost == 1 and int(info["lives"][0]) == 4
+
+
+def test_both_paths_agree_on_a_whole_game():
+    """Same game, same scripted play: the paths differ only in their no-op draws, so compare what
+    must not depend on them: format, clipped rewards, life-loss signals and score accounting."""
+    rng = np.random.default_rng(1)
+    actions = rng.integers(0, 4, 5000)
+    results = {
+        b: play_one_game(b, "BreakoutNoFrameskip-v4", lambda i: actions[i : i + 1])
+        for b in BACKENDS
+    }
+    for result in results.values():
+        score, length = result["game"]
+        assert result["life_losses"] == result["lives"] - 1 == 4
+        assert length == result["steps"] and score >= sum(result["rewards"]) >= 0
+        assert set(result["rewards"]) <= {0.0, 1.0}
+
+
+# ROLLOUT
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_phantom_transition_reaches_the_rollout(backend):
+    torch.manual_seed(0)
+    envs = pa.make_vector_env("BreakoutNoFrameskip-v4", 2, backend)
+    agent = pa.Agent(4)
+    raw_obs, _ = envs.reset(seed=0)
+    games: list = []
+    rollout, _ = pa.collect_rollout(envs, agent, torch.as_tensor(raw_obs), 300, pa.Timers(), games)
+    envs.close()
+    obs = rollout.obs  # (T, N, 4, 84, 84) uint8
+    assert obs.dtype == torch.uint8 and obs.shape == (300, 2, 4, 84, 84)
+    new_games = life_losses = 0
+    for step in range(299):
+        for n in range(2):
+            if not obs[step + 1, n, :3].any():  # a fresh game starts at step + 1 ...
+                new_games += 1  # ... right after the step that ended the last one:
+                assert rollout.terminations[step, n] == rollout.episode_ends[step, n] == 1
+            else:  # every other transition is a real step of the same game, lost lives included
+                assert torch.equal(obs[step + 1, n, :3], obs[step, n, 1:])
+                life_losses += int(rollout.terminations[step, n].item())
+    # Under NEXT_STEP autoreset a phantom reset step would follow each game's end: its obs would be
+    # a fresh game that no ended step precedes, which the assertions above rule out.
+    assert new_games == len(games) >= 1
+    assert life_losses >= 4 * new_games
+    assert set(rollout.rewards.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_truncation_bootstraps_and_termination_does_not_in_the_rollout(monkeypatch):
+    envs = pa.make_vector_env("BreakoutNoFrameskip-v4", 1, "ale_vector")
+    envs.reset(seed=0)
+    agent = pa.Agent(4)
+    real_step = envs.step
+    calls = {"n": 0}
+
+    def step(actions):  # the 5th step is cut by a (simulated) time limit
+        obs, reward, terminated, truncated, info = real_step(actions)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            truncated = np.array([True])
+            info["final_obs"] = np.full((1, 4, 84, 84), 7, np.uint8)
+        return obs, reward, terminated, truncated, info
+
+    monkeypatch.setattr(envs, "step", step)
+    raw_obs, _ = envs.reset(seed=0)
+    rollout, _ = pa.collect_rollout(envs, agent, torch.as_tensor(raw_obs), 8, pa.Timers(), [])
+    with torch.inference_mode():
+        v_final = agent.get_value(torch.full((1, 4, 84, 84), 7, dtype=torch.uint8))
+    assert rollout.episode_ends[4, 0] == 1 and rollout.terminations[4, 0] == 0
+    assert rollout.next_values[4, 0].item() == pytest.approx(v_final.item())  # V(final obs)
+    assert rollout.next_values[3, 0].item() == pytest.approx(rollout.values[4, 0].item())
+
+
+# NETWORK AND LOSS
+
+
+def test_initialization_and_pixel_scaling():
+    agent = pa.Agent(6)
+    w = agent.actor.weight  # orthogonal rows with gain 0.01
+    assert torch.allclose(w @ w.T, 1e-4 * torch.eye(6), atol=1e-8)
+    assert torch.allclose(agent.critic.weight @ agent.critic.weight.T, torch.ones(1, 1))
+    assert all(
+        not m.bias.any() for m in agent.modules() if hasattr(m, "bias") and m.bias is not None
+    )
+    obs = torch.randint(0, 256, (3, 4, 84, 84), dtype=torch.uint8)
+    _, logprob, entropy, _ = agent.get_action_and_value(obs)
+    assert entropy.tolist() == pytest.approx([np.log(6)] * 3, abs=1e-3)  # near-uniform policy
+    # uint8 in, scaled by 1/255 inside: the same as feeding the float pixels / 255 to the layers.
+    expected = agent.network(obs.float() / 255.0)
+    assert torch.allclose(agent.features(obs), expected, atol=1e-5)
+
+
+def test_channels_last_and_bf16_compute_the_same_function():
+    torch.manual_seed(0)
+    fast = pa.Agent(4, channels_last=True)
+    plain = pa.Agent(4, channels_last=False)
+    plain.load_state_dict(fast.state_dict())
+    obs = torch.randint(0, 256, (8, 4, 84, 84), dtype=torch.uint8)
+    actions = torch.randint(0, 4, (8,))
+    _, lp_fast, _, v_fast = fast.get_action_and_value(obs, actions)
+    _, lp_plain, _, v_plain = plain.get_action_and_value(obs, actions)
+    assert torch.allclose(lp_fast, lp_plain, atol=1e-5) and torch.allclose(
+        v_fast, v_plain, atol=1e-5
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, lp_bf16, _, v_bf16 = fast.get_action_and_value(obs, actions)
+    assert lp_bf16.dtype == torch.float32  # the loss is computed in float32
+    assert torch.allclose(lp_bf16, lp_plain, atol=2e-2) and torch.allclose(
+        v_bf16, v_plain, atol=5e-2
+    )
+
+
+def test_ratio_is_one_on_the_first_minibatch(tmp_path, monkeypatch):
+    ratios = []
+    original = pa.ppo_loss
+
+    def spy(new_logprobs, old_logprobs, *rest):
+        ratios.append((new_logprobs - old_logprobs).exp().detach())
+        return original(new_logprobs, old_logprobs, *rest)
+
+    monkeypatch.setattr(pa, "ppo_loss", spy)
+    pa.train(tiny_args(tmp_path, total_timesteps=64))
+    assert torch.allclose(ratios[0], torch.ones_like(ratios[0]), atol=1e-5)
+    assert not torch.allclose(ratios[-1], torch.ones_like(ratios[-1]), atol=1e-7)
+
+
+# DATA PARALLEL
+
+
+def _rank_worker(rank: int, out: str, port: int) -> None:
+    """One torchrun-like process: the environment variables torchrun sets, then train()."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    captured = {}
+    original = pa.update_policy
+
+    def spy(agent, *rest):
+        captured["agent"] = agent
+        return original(agent, *rest)
+
+    pa.update_policy = spy
+    args = pa.Args(
+        total_timesteps=192, num_envs=4, num_steps=16, num_minibatches=2, update_epochs=2,
+        runs_dir=str(Path(out) / "runs"), eval_episodes=1, cuda=False, torch_threads=1,
+        target_kl=1e-9,  # stops after the first epoch: only if all ranks agree
+    )  # fmt: skip
+    summary = pa.train(args)
+    torch.save(
+        {"model": captured["agent"].state_dict(), "summary": summary}, f"{out}/rank{rank}.pt"
+    )
+
+
+def test_two_processes_stay_bitwise_identical(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = torch.multiprocessing.spawn(
+        _rank_worker, args=(str(tmp_path), port), nprocs=2, join=False
+    )
+    deadline = time.time() + 120  # a rank that broke out of the loop alone would hang the other
+    while not context.join(timeout=1):
+        if time.time() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the two processes did not finish: a collective operation hangs")
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    for key, value in rank0["model"].items():
+        assert torch.equal(value, rank1["model"][key]), key
+    assert rank0["summary"]["global_step"] == rank1["summary"]["global_step"] == 192
+    assert rank0["summary"]["run_dir"] and rank1["summary"]["run_dir"] is None  # rank 0 logs only
+    assert len(list((tmp_path / "runs").iterdir())) == 1
+    saved = pa.load_checkpoint(rank0["summary"]["checkpoint"])["model"]
+    assert all(torch.equal(saved[k], rank0["model"][k]) for k in saved)
+
+
+# END TO END: LOGS, CHECKPOINTS, EVALUATION, DETERMINISM, RESUME
+
+
+@pytest.mark.parametrize(
+    ("backend", "flags"),
+    [("ale_vector", {}), ("gymnasium", {"bf16": True, "channels_last": False})],
+)
+def test_train_writes_logs_checkpoint_and_summary(tmp_path, backend, flags):
+    summary = pa.train(tiny_args(tmp_path, env_backend=backend, total_timesteps=256, **flags))
+    run_dir = Path(summary["run_dir"])
+    assert summary["status"] == "completed" and summary["env_backend"] == backend
+    assert summary["global_step"] == 256 and summary["iterations"] == 4
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+    assert (
+        summary["time_env_s"] > 0
+        and summary["time_inference_s"] > 0
+        and summary["time_update_s"] > 0
+    )
+    checkpoint = pa.load_checkpoint(summary["checkpoint"], "BreakoutNoFrameskip-v4")
+    assert checkpoint["global_step"] == 256 and checkpoint["iteration"] == 4
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    expected = {
+        "charts/learning_rate", "charts/SPS", "losses/policy_loss", "losses/value_loss",
+        "losses/entropy", "losses/approx_kl", "losses/old_approx_kl", "losses/clipfrac",
+        "losses/explained_variance", "time/env_s", "time/inference_s", "time/update_s",
+        "eval/episodic_return_mean",
+    }  # fmt: skip
+    assert expected <= set(events.Tags()["scalars"])
+    learning_rates = [e.value for e in events.Scalars("charts/learning_rate")]
+    assert learning_rates == pytest.approx([2.5e-4, 1.875e-4, 1.25e-4, 0.625e-4])
+
+
+def test_checkpoint_round_trip_in_a_fresh_process(tmp_path):
+    summary = pa.train(tiny_args(tmp_path, eval_episodes=2, seed=5))
+    result = run_cli(
+        "--eval-checkpoint", summary["checkpoint"], "--eval-episodes", "2", "--seed", "5"
+    )
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip().splitlines()[-1]
+    # The format benchmarks/run_benchmark.py parses.
+    assert line.startswith(f"BreakoutNoFrameskip-v4 ({summary['checkpoint']}, 128 steps): return ")
+    mean, std = (float(x) for x in line.split("return ")[1].split(" over")[0].split(" +- "))
+    assert line.endswith("over 2 episodes")
+    # The reloaded model plays exactly as the model at the end of training did.
+    assert mean == pytest.approx(summary["eval_return_mean"], abs=0.051)
+    assert std == pytest.approx(summary["eval_return_std"], abs=0.051)
+
+
+def test_same_seed_gives_the_same_run(tmp_path):
+    first = pa.train(tiny_args(tmp_path / "a"))
+    second = pa.train(tiny_args(tmp_path / "b"))
+    model_a = pa.load_checkpoint(first["checkpoint"])["model"]
+    model_b = pa.load_checkpoint(second["checkpoint"])["model"]
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    assert first["eval_return_mean"] == second["eval_return_mean"]
+    other = pa.load_checkpoint(pa.train(tiny_args(tmp_path / "c", seed=2))["checkpoint"])["model"]
+    assert not all(torch.equal(model_a[k], other[k]) for k in model_a)
+
+
+def test_interrupted_run_saves_and_resumes_to_the_end(tmp_path):
+    flags = [
+        "--total-timesteps", "100000", "--num-envs", "4", "--num-steps", "16",
+        "--num-minibatches", "2", "--update-epochs", "1", "--save-interval", "1",
+        "--runs-dir", str(tmp_path), "--no-cuda",
+    ]  # fmt: skip
+    process = subprocess.Popen([sys.executable, SCRIPT, *flags], cwd=REPO, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.time() + 60
+    while not list(tmp_path.glob("*/checkpoint.pt")) and time.time() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=60)
+    assert process.returncode == 130, stdout
+    (checkpoint_path,) = tmp_path.glob("*/checkpoint.pt")
+    interrupted_at = pa.load_checkpoint(str(checkpoint_path))["global_step"]
+    assert 0 < interrupted_at < 100000
+    summary = json.loads((checkpoint_path.parent / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+
+    # Resume with a budget of two more iterations (the budget is a flag, not part of the model).
+    total = interrupted_at + 128
+    args = tiny_args(tmp_path, total_timesteps=total, update_epochs=1, resume=str(checkpoint_path))
+    summary = pa.train(args)
+    assert summary["status"] == "completed" and summary["global_step"] == total
+    assert summary["run_dir"] == str(checkpoint_path.parent)  # the same run goes on
+    final = pa.load_checkpoint(str(checkpoint_path), "BreakoutNoFrameskip-v4")
+    assert final["iteration"] == total // 64
+
+
+def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    good = pa.train(tiny_args(tmp_path))
+    before = Path(good["checkpoint"]).read_bytes()
+    with pytest.raises(pa.TrainingDiverged, match="last good checkpoint is kept"):
+        pa.train(
+            tiny_args(tmp_path, total_timesteps=640, resume=good["checkpoint"], learning_rate=1e30)
+        )
+    assert Path(good["checkpoint"]).read_bytes() == before
+
+
+def test_track_with_wandb_offline(tmp_path):
+    summary = pa.train(tiny_args(tmp_path, track=True, total_timesteps=64))
+    assert list(Path(summary["run_dir"]).glob("wandb/offline-run-*"))
+
+
+# BAD INPUT
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"num_minibatches": 3}, "does not divide into 3 minibatches"),
+        ({"total_timesteps": 10}, "smaller than one rollout"),
+        ({"num_envs": 0}, "--num-envs must be at least 1"),
+        ({"env_id": "ALE/NoSuchGame-v5"}, "unknown environment id"),
+        ({"env_id": "Pendulum-v1"}, "not an Atari environment"),
+        ({"env_id": "CartPole-v1"}, "not an Atari environment"),
+    ],
+)
+def test_bad_configuration_is_rejected(tmp_path, overrides, message):
+    with pytest.raises(pa.ConfigError, match=message):
+        pa.train(tiny_args(tmp_path, **overrides))
+
+
+def test_checkpoint_of_another_env_or_script_is_rejected(tmp_path):
+    summary = pa.train(tiny_args(tmp_path, total_timesteps=64))
+    with pytest.raises(
+        pa.ConfigError, match="trained on BreakoutNoFrameskip-v4, not on PongNoFrameskip-v4"
+    ):
+        pa.train(tiny_args(tmp_path, env_id="PongNoFrameskip-v4", resume=summary["checkpoint"]))
+    foreign = tmp_path / "continuous.pt"
+    torch.save({"script": "ppo_continuous", "env_id": "HalfCheetah-v4"}, foreign)
+    with pytest.raises(pa.ConfigError, match="checkpoint of ppo_continuous, not of ppo_atari"):
+        pa.evaluate_checkpoint(tiny_args(tmp_path, eval_checkpoint=str(foreign)))
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "message"),
+    [
+        (["--env-id", "Pendulum-v1"], {}, "not an Atari environment"),
+        (["--env-id", "ALE/NoSuchGame-v5"], {}, "unknown environment id"),
+        (["--num-minibatches", "3"], {}, "does not divide into 3 minibatches"),
+        (["--num-envs", "3", "--num-steps", "64"], {"WORLD_SIZE": "2", "RANK": "0"},
+         "--num-envs 3 does not divide over the 2 torchrun processes"),
+    ],
+)  # fmt: skip
+def test_cli_bad_input_prints_one_error_line(flags, env, message):
+    result = run_cli(*flags, env=env)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_missing_opencv_names_the_install_command():
+    hide = "import sys; sys.modules['cv2'] = None; sys.argv = ['ppo_atari.py', '--env-backend', 'gymnasium']; "
+    result = subprocess.run(
+        [sys.executable, "-c", hide + "import ppo_atari; ppo_atari.main()"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith("pip install opencv-python-headless")
