@@ -15,15 +15,7 @@ import argparse
 import csv
 from pathlib import Path
 
-
-def read_returns(run_dir: Path) -> list[tuple[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    if "charts/episodic_return" not in accumulator.Tags()["scalars"]:
-        return []
-    return [(e.step, e.value) for e in accumulator.Scalars("charts/episodic_return")]
+from run_benchmark import read_episodic_returns  # the script's own folder is on sys.path
 
 
 def window_means(curve, window: int, last_step: int) -> list[float | None]:
@@ -43,7 +35,7 @@ def main() -> None:
     curves = {}
     for item in args.runs:
         label, run_dir = item.split("=", 1)
-        curves[label] = read_returns(Path(run_dir))
+        curves[label] = read_episodic_returns(Path(run_dir))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "curves.csv", "w", newline="") as f:
