@@ -668,6 +668,8 @@ def evaluate(
     The policy acts with its mean action (deterministic) unless stochastic; episode i is seeded with
     seed + i, so the same model and seed always score the same on CPU.
     """
+    if video_dir is not None:
+        os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering when there is no display
     env = gym.make(env_id, render_mode="rgb_array" if video_dir else None)
     if video_dir is not None:
         env = gym.wrappers.RecordVideo(env, str(video_dir), episode_trigger=lambda _: True)
@@ -715,8 +717,6 @@ def evaluate_checkpoint(args: Args) -> dict:
     device = select_device(args)
     agent, obs_normalizer = load_agent(checkpoint, obs_dim, action_dim, device)
     video_dir = Path(args.eval_checkpoint).parent / "videos" if args.capture_video else None
-    if video_dir is not None:
-        os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering when there is no display
     returns = evaluate(
         agent,
         obs_normalizer,
@@ -978,10 +978,7 @@ def train(args: Args) -> dict:
 def evaluate_final_model(
     agent: Agent, obs_normalizer: ObservationNormalizer, args: Args, run_dir: Path
 ) -> dict:
-    video_dir = None
-    if args.capture_video:
-        os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering when there is no display
-        video_dir = run_dir / "videos"
+    video_dir = run_dir / "videos" if args.capture_video else None
     returns = evaluate(
         agent,
         obs_normalizer,
