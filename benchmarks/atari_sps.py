@@ -25,6 +25,7 @@ SCRIPT = str(REPO / "ppo_atari.py")
 
 CONFIGS = {
     "ale_vector (default)": [],
+    "ale_vector --env-groups 1": ["--env-groups", "1"],
     "ale_vector --bf16": ["--bf16"],
     "ale_vector --no-channels-last": ["--no-channels-last"],
     "gymnasium": ["--env-backend", "gymnasium"],
