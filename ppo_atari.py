@@ -1071,7 +1071,8 @@ def train(args: Args) -> dict:
     """Train PPO and return the summary that is also written to <run>/summary.json.
 
     Under torchrun every process runs this same loop on its share of the envs; only rank 0 logs,
-    prints, saves and evaluates (its episode returns stand for the run's), and the returned summary
+    prints, saves and evaluates (the finished games of all processes are gathered for its logs and
+    returns), and the returned summary
     of the other ranks has no run folder.
     """
     validate_args(args)
@@ -1113,7 +1114,7 @@ def train(args: Args) -> dict:
     group_size = local_num_envs // len(env_groups)
     raw_obs = [envs.reset(seed=env_seed + g * group_size)[0] for g, envs in enumerate(env_groups)]
     next_obs = torch.as_tensor(np.concatenate(raw_obs), device=device)
-    episode_stats: list[tuple[float, int]] = []  # (score, length) of every finished game
+    num_episodes = 0  # finished games, over all processes
     recent_returns: deque[float] = deque(maxlen=100)
     timers = Timers()
     done = {
@@ -1132,9 +1133,9 @@ def train(args: Args) -> dict:
                 optimizer.param_groups[0]["lr"] = frac * args.learning_rate
 
             # COLLECT TRAJECTORIES
-            first_new_episode = len(episode_stats)
+            new_episodes: list[tuple[float, int]] = []  # (score, length) of each game finished
             rollout, next_obs = collect_rollout(
-                env_groups, agent, next_obs, args.num_steps, timers, episode_stats
+                env_groups, agent, next_obs, args.num_steps, timers, new_episodes
             )
             global_step += args.batch_size  # over all processes
 
@@ -1156,7 +1157,11 @@ def train(args: Args) -> dict:
             done = {"iteration": iteration, "global_step": global_step}
 
             # LOG
-            new_episodes = episode_stats[first_new_episode:]
+            if world_size > 1:  # every process's games, so the logged returns stand for all envs
+                gathered = [None] * world_size
+                dist.all_gather_object(gathered, new_episodes)
+                new_episodes = [game for games in gathered for game in games]
+            num_episodes += len(new_episodes)
             recent_returns.extend(episode_return for episode_return, _ in new_episodes)
             sps = (global_step - start_step) / (time.time() - start_time)
             learning_rate = optimizer.param_groups[0]["lr"]
@@ -1203,7 +1208,7 @@ def train(args: Args) -> dict:
         "iterations": done["iteration"],
         "wall_time_s": wall_time,
         "sps": (done["global_step"] - start_step) / max(wall_time, 1e-9),
-        "episodes": len(episode_stats),
+        "episodes": num_episodes,
         "mean_return": float(np.mean(recent_returns)) if recent_returns else None,
         "time_env_s": timers.env,
         "time_inference_s": timers.inference,

@@ -391,6 +391,14 @@ def _rank_worker(rank: int, out: str, port: int) -> None:
         return original(agent, *rest)
 
     pa.update_policy = spy
+    collect = pa.collect_rollout
+
+    def collect_and_finish_a_game(*args):  # one game of score 1000 + rank per rollout and process
+        result = collect(*args)
+        args[-1].append((1000.0 + rank, 7))
+        return result
+
+    pa.collect_rollout = collect_and_finish_a_game
     args = pa.Args(
         total_timesteps=192, num_envs=4, num_steps=16, num_minibatches=2, update_epochs=2,
         runs_dir=str(Path(out) / "runs"), eval_episodes=1, cuda=False, torch_threads=1,
@@ -420,6 +428,9 @@ def test_two_processes_stay_bitwise_identical(tmp_path):
         assert torch.equal(value, rank1["model"][key]), key
     assert rank0["summary"]["global_step"] == rank1["summary"]["global_step"] == 192
     assert rank0["summary"]["run_dir"] and rank1["summary"]["run_dir"] is None  # rank 0 logs only
+    # Rank 0's logs and returns hold the games of both processes (3 iterations x 2 processes).
+    assert rank0["summary"]["episodes"] == rank1["summary"]["episodes"] == 6
+    assert rank0["summary"]["mean_return"] == rank1["summary"]["mean_return"] == 1000.5
     assert len(list((tmp_path / "runs").iterdir())) == 1
     saved = pa.load_checkpoint(rank0["summary"]["checkpoint"])["model"]
     assert all(torch.equal(saved[k], rank0["model"][k]) for k in saved)
