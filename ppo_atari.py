@@ -752,12 +752,12 @@ def collect_rollout(
 
     next_obs = next_obs.clone()  # filled in place, group by group
     update_threads = torch.get_num_threads()
-    if len(env_groups) > 1:  # the policy takes one core, the emulators' threads the others
-        torch.set_num_threads(1)
+    if len(env_groups) > 1:  # half the cores for the policy, half for the group that is stepping
+        torch.set_num_threads(max(1, update_threads // 2))
     try:
         for step in range(num_steps):
             for g in range(len(env_groups)):
-                if step > 0:
+                if step > 0:  # group g's previous step ran while the other groups were served
                     receive(step - 1, g)
                 act(step, g)
         for g in range(len(env_groups)):
