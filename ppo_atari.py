@@ -1224,7 +1224,16 @@ def train(args: Args) -> dict:
         return summary
     if status == "completed":
         # EVALUATE the final model exactly as a reloaded checkpoint is evaluated.
-        summary.update(evaluate_final_model(agent, args, run_dir))
+        previous_sigterm = handle_sigterm_as_interrupt()
+        try:
+            summary.update(evaluate_final_model(agent, args, run_dir))
+        except KeyboardInterrupt:  # the checkpoint is saved: keep the logs, skip the evaluation
+            status = summary["status"] = "interrupted"
+            print(f"interrupted in the final evaluation; {checkpoint_path} is saved", flush=True)
+        finally:
+            if previous_sigterm is not None:
+                signal.signal(signal.SIGTERM, previous_sigterm)
+    if status == "completed":
         writer.add_scalar("eval/episodic_return_mean", summary["eval_return_mean"], global_step)
         recent = f"{summary['mean_return']:.1f}" if recent_returns else "n/a"
         print(

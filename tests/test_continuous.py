@@ -451,6 +451,27 @@ def test_same_seed_gives_the_same_run(tmp_path):
     assert not all(torch.equal(model_a[k], other_seed[k]) for k in model_a)
 
 
+def test_sigterm_in_the_final_evaluation_keeps_checkpoint_and_logs(tmp_path, monkeypatch):
+    def evaluate_until_sigterm(*args, **kwargs):  # a scheduler stops the job during evaluation
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGTERM was not handled")
+
+    monkeypatch.setattr(pc, "evaluate", evaluate_until_sigterm)
+    summary = pc.train(tiny_args(tmp_path))
+    assert summary["status"] == "interrupted" and "eval_return_mean" not in summary
+    run_dir = Path(summary["run_dir"])
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+    assert pc.load_checkpoint(summary["checkpoint"])["global_step"] == 1024
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    assert len(events.Scalars("losses/policy_loss")) == summary["iterations"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is given back
+
+
 def test_interrupted_run_saves_and_resumes_to_the_end(tmp_path):
     flags = [
         "--env-id", "InvertedPendulum-v4", "--total-timesteps", "16384", "--num-steps", "256",
