@@ -4,7 +4,8 @@ Each configuration is one short training run of the script itself, in its own pr
 a user runs), at the default hyperparameters (8 envs x 128 steps, 4 epochs x 4 minibatches) unless
 the configuration says otherwise; the figures come from the run's summary.json (SPS over the whole
 run, seconds in env / inference / update). The "rollout SPS" column is steps / (env + inference
-seconds), to compare with the raw env throughput of benchmarks/atari_env_throughput.py.
+seconds), to compare with the raw env throughput of benchmarks/atari_env_throughput.py; with env
+groups taking turns (the default) the env seconds are only the time spent waiting for the emulators.
 Results: `<out>/results.json` and a Markdown table `<out>/results.md`.
 
     nice -n 15 python benchmarks/atari_sps.py --total-timesteps 20480 \
