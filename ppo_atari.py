@@ -127,9 +127,7 @@ class Args:
     env_backend: Literal["ale_vector", "gymnasium"] = "ale_vector"
     """ale_vector: ale-py's native C++ vector env (fast); gymnasium: the readable Python wrapper stack"""
     env_groups: int = 2
-    """ale_vector: split each process's envs into this many groups that take turns, so that the
-    policy picks one group's actions while the others' emulators run in C++ threads (1: all envs
-    step together, nothing overlaps). The gymnasium path steps in the Python thread: always 1 group"""
+    """ale_vector: groups of envs that take turns, the policy acting for one while the other's emulators run (1: no overlap; gymnasium: always 1)"""
     channels_last: bool = True
     """keep the CNN's weights and activations in channels-last (NHWC) layout: same math, faster on CPU"""
     bf16: bool = False
