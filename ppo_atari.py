@@ -200,6 +200,11 @@ def require_module(module: str, purpose: str, package: str | None = None) -> Non
         ) from None
 
 
+def cores_per_process() -> int:
+    """This machine's CPU cores divided by the processes torchrun started on it (at least 1)."""
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def world_size_from_env() -> int:
     """The number of processes torchrun started (1 without torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -454,9 +459,8 @@ def make_env_groups(
     """
     if backend == "gymnasium":
         return [make_vector_env(env_id, num_envs, backend)]
-    cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     size = num_envs // num_groups
-    threads = max(1, min(size, cores // num_groups))
+    threads = max(1, min(size, cores_per_process() // num_groups))
     return [make_vector_env(env_id, size, backend, num_threads=threads) for _ in range(num_groups)]
 
 
@@ -973,8 +977,7 @@ def select_device(args: Args) -> torch.device:
     Under torchrun, process LOCAL_RANK of a machine takes GPU LOCAL_RANK, and by default the CPU
     cores are shared out among the processes of the machine.
     """
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(args.torch_threads or max(1, (os.cpu_count() or 1) // local_processes))
+    torch.set_num_threads(args.torch_threads or cores_per_process())
     if args.cuda and torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
@@ -1070,8 +1073,7 @@ def train(args: Args) -> dict:
 
     Under torchrun every process runs this same loop on its share of the envs; only rank 0 logs,
     prints, saves and evaluates (the finished games of all processes are gathered for its logs and
-    returns), and the returned summary
-    of the other ranks has no run folder.
+    returns), and the returned summary of the other ranks has no run folder.
     """
     validate_args(args)
     checkpoint = load_checkpoint(args.resume, args.env_id) if args.resume else None
@@ -1109,8 +1111,9 @@ def train(args: Args) -> dict:
 
     # Env i of rank r starts from seed + r * local_num_envs + i (+ an offset when resuming).
     env_seed = args.seed + rank * local_num_envs + (start_iteration - 1) * args.num_envs
-    group_size = local_num_envs // len(env_groups)
-    raw_obs = [envs.reset(seed=env_seed + g * group_size)[0] for g, envs in enumerate(env_groups)]
+    raw_obs = [
+        envs.reset(seed=env_seed + g * envs.num_envs)[0] for g, envs in enumerate(env_groups)
+    ]
     next_obs = torch.as_tensor(np.concatenate(raw_obs), device=device)
     num_episodes = 0  # finished games, over all processes
     recent_returns: deque[float] = deque(maxlen=100)
