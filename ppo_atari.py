@@ -195,9 +195,7 @@ def require_module(module: str, purpose: str, package: str | None = None) -> Non
     try:
         importlib.import_module(module)
     except ImportError:
-        raise ConfigError(
-            f"{purpose} needs the '{module}' package: pip install {package or module}"
-        ) from None
+        raise ConfigError(f"{purpose} needs the '{module}' package: pip install {package or module}") from None
 
 
 def cores_per_process() -> int:
@@ -215,9 +213,7 @@ def validate_args(args: Args) -> None:
     positive = ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs")
     for name in positive:
         if getattr(args, name) < 1:
-            raise ConfigError(
-                f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
-            )
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.torch_threads < 0:
         raise ConfigError(f"--torch-threads must be 0 or more, got {args.torch_threads}")
     if args.learning_rate <= 0:
@@ -226,9 +222,7 @@ def validate_args(args: Args) -> None:
         raise ConfigError("--gamma and --gae-lambda must lie in [0, 1]")
     world_size = world_size_from_env()
     if args.num_envs % world_size != 0:
-        raise ConfigError(
-            f"--num-envs {args.num_envs} does not divide over the {world_size} torchrun processes"
-        )
+        raise ConfigError(f"--num-envs {args.num_envs} does not divide over the {world_size} torchrun processes")
     if args.env_groups < 1 or (args.num_envs // world_size) % args.env_groups != 0:
         raise ConfigError(
             f"--env-groups {args.env_groups} does not divide the {args.num_envs // world_size} envs"
@@ -237,8 +231,7 @@ def validate_args(args: Args) -> None:
     if args.batch_size % (args.num_minibatches * world_size) != 0:
         raise ConfigError(
             f"the rollout (num_envs * num_steps = {args.batch_size}) does not divide into "
-            f"{args.num_minibatches} minibatches"
-            + (f" on each of {world_size} processes" if world_size > 1 else "")
+            f"{args.num_minibatches} minibatches" + (f" on each of {world_size} processes" if world_size > 1 else "")
         )
     if args.norm_adv and args.minibatch_size < 2:
         raise ConfigError("advantage normalization needs minibatches of at least 2 samples")
@@ -449,9 +442,7 @@ def make_vector_env(
     return AleVectorGameStatistics(envs)
 
 
-def make_env_groups(
-    env_id: str, num_envs: int, backend: str, num_groups: int
-) -> list[gym.vector.VectorEnv]:
+def make_env_groups(env_id: str, num_envs: int, backend: str, num_groups: int) -> list[gym.vector.VectorEnv]:
     """num_envs envs in num_groups vector envs of equal size, which collect_rollout steps in turn.
 
     Env i overall is env i % size of group i // size. On the fast path the cores this process may
@@ -470,10 +461,7 @@ def finished_games(info: dict) -> list[tuple[float, int]]:
     if "_episode" not in final_info:
         return []
     episode = final_info["episode"]
-    return [
-        (float(episode["r"][i]), int(episode["l"][i]))
-        for i in np.flatnonzero(final_info["_episode"])
-    ]
+    return [(float(episode["r"][i]), int(episode["l"][i])) for i in np.flatnonzero(final_info["_episode"])]
 
 
 # NETWORK
@@ -641,9 +629,7 @@ def ppo_loss(
     # Value loss, optionally clipped around the old prediction the same way (PPO2's baselines code).
     value_loss_unclipped = (new_values - returns) ** 2
     if args.clip_vloss:
-        values_clipped = old_values + torch.clamp(
-            new_values - old_values, -args.clip_coef, args.clip_coef
-        )
+        values_clipped = old_values + torch.clamp(new_values - old_values, -args.clip_coef, args.clip_coef)
         value_loss_clipped = (values_clipped - returns) ** 2
         value_loss = 0.5 * torch.max(value_loss_unclipped, value_loss_clipped).mean()
     else:
@@ -709,13 +695,9 @@ def collect_rollout(
     group_size = num_envs // len(env_groups)
     columns = [slice(g * group_size, (g + 1) * group_size) for g in range(len(env_groups))]
     obs = torch.zeros((num_steps, *next_obs.shape), dtype=torch.uint8, device=device)
-    rewards, terminations, episode_ends = (
-        np.zeros((num_steps, num_envs), np.float32) for _ in range(3)
-    )
+    rewards, terminations, episode_ends = (np.zeros((num_steps, num_envs), np.float32) for _ in range(3))
     actions = torch.zeros((num_steps, num_envs), dtype=torch.int64, device=device)
-    logprobs, values, next_values = (
-        torch.zeros((num_steps, num_envs), device=device) for _ in range(3)
-    )
+    logprobs, values, next_values = (torch.zeros((num_steps, num_envs), device=device) for _ in range(3))
 
     def act(step: int, g: int) -> None:
         """Pick the actions of group g at this step and start its emulators on them."""
@@ -826,9 +808,7 @@ def update_policy(
             mb = permutation[start : start + local_minibatch]
             # bfloat16 autocast covers the network only; ppo_loss gets float32 inputs.
             with torch.autocast(b_obs.device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                _, new_logprobs, entropy, new_values = agent.get_action_and_value(
-                    b_obs[mb], b_actions[mb]
-                )
+                _, new_logprobs, entropy, new_values = agent.get_action_and_value(b_obs[mb], b_actions[mb])
             loss, stats = ppo_loss(
                 new_logprobs, b_logprobs[mb], entropy, new_values, b_values[mb],
                 b_advantages[mb], b_returns[mb], args,
@@ -921,10 +901,7 @@ def evaluate(
     while len(scores) < episodes:
         with torch.inference_mode():
             obs = torch.as_tensor(raw_obs, device=device)
-            if stochastic:
-                action = agent.get_action_and_value(obs)[0]
-            else:
-                action = agent.actor(agent.features(obs)).argmax(-1)
+            action = agent.get_action_and_value(obs)[0] if stochastic else agent.actor(agent.features(obs)).argmax(-1)
         raw_obs, _, _, _, info = envs.step(action.cpu().numpy())
         scores.extend(score for score, _ in finished_games(info))
     envs.close()
@@ -953,9 +930,7 @@ def evaluate_checkpoint(args: Args) -> dict:
     device = select_device(args)
     agent = load_agent(checkpoint, num_actions, device)
     video_dir = Path(args.eval_checkpoint).parent / "videos" if args.capture_video else None
-    returns = evaluate(
-        agent, env_id, backend, args.eval_episodes, args.seed, args.eval_stochastic, video_dir
-    )
+    returns = evaluate(agent, env_id, backend, args.eval_episodes, args.seed, args.eval_stochastic, video_dir)
     result = {
         "env_id": env_id,
         "global_step": checkpoint["global_step"],
@@ -1038,9 +1013,7 @@ def start_run(args: Args) -> tuple[Path, SummaryWriter]:
     return run_dir, writer
 
 
-def log_iteration(
-    writer, global_step, stats, rollout, returns, learning_rate, sps, timers, new_episodes
-):
+def log_iteration(writer, global_step, stats, rollout, returns, learning_rate, sps, timers, new_episodes):
     """TensorBoard scalars of one iteration, under the tags of the popular single-file scripts."""
     for episode_return, episode_length in new_episodes:
         writer.add_scalar("charts/episodic_return", episode_return, global_step)
@@ -1056,9 +1029,7 @@ def log_iteration(
         writer.add_scalar(f"time/{key}_s", getattr(timers, key), global_step)
 
 
-def progress_line(
-    global_step: int, total_steps: int, sps: float, recent_returns, timers: Timers
-) -> str:
+def progress_line(global_step: int, total_steps: int, sps: float, recent_returns, timers: Timers) -> str:
     eta = format_duration((total_steps - global_step) / max(sps, 1e-9))
     recent = f"{np.mean(recent_returns):9.1f}" if recent_returns else "      n/a"
     return (
@@ -1080,9 +1051,7 @@ def train(args: Args) -> dict:
     device = select_device(args)
     rank, world_size = start_distributed(device), world_size_from_env()
     is_main = rank == 0
-    seed_everything(
-        args.seed + rank, args.torch_deterministic
-    )  # each process samples its own actions
+    seed_everything(args.seed + rank, args.torch_deterministic)  # each process samples its own actions
     local_num_envs = args.num_envs // world_size
     env_groups = make_env_groups(args.env_id, local_num_envs, args.env_backend, args.env_groups)
     run_dir, writer = start_run(args) if is_main else (None, None)
@@ -1100,9 +1069,7 @@ def train(args: Args) -> dict:
         optimizer.load_state_dict(checkpoint["optimizer"])
         global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
         if is_main:
-            print(
-                f"resuming {checkpoint_path} at step {global_step:,} (iteration {start_iteration})"
-            )
+            print(f"resuming {checkpoint_path} at step {global_step:,} (iteration {start_iteration})")
 
     def save(progress: dict) -> None:
         if is_main:
@@ -1111,9 +1078,7 @@ def train(args: Args) -> dict:
 
     # Env i of rank r starts from seed + r * local_num_envs + i (+ an offset when resuming).
     env_seed = args.seed + rank * local_num_envs + (start_iteration - 1) * args.num_envs
-    raw_obs = [
-        envs.reset(seed=env_seed + g * envs.num_envs)[0] for g, envs in enumerate(env_groups)
-    ]
+    raw_obs = [envs.reset(seed=env_seed + g * envs.num_envs)[0] for g, envs in enumerate(env_groups)]
     next_obs = torch.as_tensor(np.concatenate(raw_obs), device=device)
     num_episodes = 0  # finished games, over all processes
     recent_returns: deque[float] = deque(maxlen=100)
@@ -1135,9 +1100,7 @@ def train(args: Args) -> dict:
 
             # COLLECT TRAJECTORIES
             new_episodes: list[tuple[float, int]] = []  # (score, length) of each game finished
-            rollout, next_obs = collect_rollout(
-                env_groups, agent, next_obs, args.num_steps, timers, new_episodes
-            )
+            rollout, next_obs = collect_rollout(env_groups, agent, next_obs, args.num_steps, timers, new_episodes)
             global_step += args.batch_size  # over all processes
 
             # CALCULATE ADVANTAGE
@@ -1171,22 +1134,15 @@ def train(args: Args) -> dict:
                     writer, global_step, stats, rollout, returns, learning_rate, sps, timers,
                     new_episodes,
                 )  # fmt: skip
-            if is_main and (
-                time.time() - last_print >= 10
-                or iteration in (start_iteration, args.num_iterations)
-            ):
+            if is_main and (time.time() - last_print >= 10 or iteration in (start_iteration, args.num_iterations)):
                 last_print = time.time()
-                print(
-                    progress_line(global_step, total_steps, sps, recent_returns, timers), flush=True
-                )
+                print(progress_line(global_step, total_steps, sps, recent_returns, timers), flush=True)
             if args.save_interval and iteration % args.save_interval == 0:
                 save(done)
     except KeyboardInterrupt:
         status = "interrupted"
         if is_main:
-            print(
-                f"interrupted at step {done['global_step']:,}: saving {checkpoint_path}", flush=True
-            )
+            print(f"interrupted at step {done['global_step']:,}: saving {checkpoint_path}", flush=True)
     except TrainingDiverged as error:
         status, diverged = "diverged", error
     finally:

@@ -176,9 +176,7 @@ def validate_args(args: Args) -> None:
     )
     for name in positive:
         if getattr(args, name) < 1:
-            raise ConfigError(
-                f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
-            )
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.learning_rate <= 0:
         raise ConfigError(f"--learning-rate must be positive, got {args.learning_rate}")
     if not 0 <= args.gamma <= 1 or not 0 <= args.gae_lambda <= 1:
@@ -250,11 +248,7 @@ class RunningMeanStd:
         delta = batch_mean - self.mean
         total = self.count + batch_count
         self.mean = self.mean + delta * batch_count / total
-        m2 = (
-            self.var * self.count
-            + batch_var * batch_count
-            + delta**2 * self.count * batch_count / total
-        )
+        m2 = self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
         self.var = m2 / total
         self.count = total
 
@@ -453,9 +447,7 @@ def ppo_loss(
     # Value loss, optionally clipped around the old prediction the same way (PPO2's baselines code).
     value_loss_unclipped = (new_values - returns) ** 2
     if args.clip_vloss:
-        values_clipped = old_values + torch.clamp(
-            new_values - old_values, -args.clip_coef, args.clip_coef
-        )
+        values_clipped = old_values + torch.clamp(new_values - old_values, -args.clip_coef, args.clip_coef)
         value_loss_clipped = (values_clipped - returns) ** 2
         value_loss = 0.5 * torch.max(value_loss_unclipped, value_loss_clipped).mean()
     else:
@@ -517,20 +509,14 @@ def collect_rollout(
     num_envs = envs.num_envs
     action_space = envs.single_action_space
     obs = np.zeros((num_steps, num_envs, *envs.single_observation_space.shape), np.float32)
-    rewards, terminations, episode_ends = (
-        np.zeros((num_steps, num_envs), np.float32) for _ in range(3)
-    )
+    rewards, terminations, episode_ends = (np.zeros((num_steps, num_envs), np.float32) for _ in range(3))
     actions = torch.zeros((num_steps, num_envs, *action_space.shape), device=device)
-    logprobs, values, next_values = (
-        torch.zeros((num_steps, num_envs), device=device) for _ in range(3)
-    )
+    logprobs, values, next_values = (torch.zeros((num_steps, num_envs), device=device) for _ in range(3))
     for step in range(num_steps):
         t0 = time.perf_counter()
         obs[step] = next_obs
         with torch.inference_mode():
-            action, logprob, _, value = agent.get_action_and_value(
-                torch.as_tensor(next_obs, device=device)
-            )
+            action, logprob, _, value = agent.get_action_and_value(torch.as_tensor(next_obs, device=device))
         actions[step], logprobs[step], values[step] = action, logprob, value
         # The buffer keeps the raw Gaussian sample (its log-prob is the one we train on); the env
         # gets it clipped to the action bounds.
@@ -591,9 +577,7 @@ def update_policy(
         permutation = torch.randperm(args.batch_size, device=b_obs.device)
         for start in range(0, args.batch_size, args.minibatch_size):
             mb = permutation[start : start + args.minibatch_size]
-            _, new_logprobs, entropy, new_values = agent.get_action_and_value(
-                b_obs[mb], b_actions[mb]
-            )
+            _, new_logprobs, entropy, new_values = agent.get_action_and_value(b_obs[mb], b_actions[mb])
             loss, stats = ppo_loss(
                 new_logprobs, b_logprobs[mb], entropy, new_values, b_values[mb],
                 b_advantages[mb], b_returns[mb], args,
@@ -615,9 +599,7 @@ def update_policy(
     return result
 
 
-def save_checkpoint(
-    path: Path, agent, optimizer, obs_normalizer, reward_scaler, args, global_step, iteration
-):
+def save_checkpoint(path: Path, agent, optimizer, obs_normalizer, reward_scaler, args, global_step, iteration):
     """Weights, optimizer, normalization statistics, args and progress in one file.
 
     Written to a temporary file and renamed, so an interrupted save never destroys the last one.
@@ -683,13 +665,8 @@ def evaluate(
             obs = obs_normalizer(raw_obs[None], update=False)
             with torch.inference_mode():
                 obs_t = torch.as_tensor(obs, device=device)
-                if stochastic:
-                    action = agent.get_action_and_value(obs_t)[0]
-                else:
-                    action = agent.actor_mean(obs_t)
-            raw_obs, reward, terminated, truncated, _ = env.step(
-                np.clip(action[0].cpu().numpy(), low, high)
-            )
+                action = agent.get_action_and_value(obs_t)[0] if stochastic else agent.actor_mean(obs_t)
+            raw_obs, reward, terminated, truncated, _ = env.step(np.clip(action[0].cpu().numpy(), low, high))
             episode_return += float(reward)
             done = terminated or truncated
         episode_returns.append(episode_return)
@@ -788,9 +765,7 @@ def start_run(args: Args) -> tuple[Path, SummaryWriter]:
     return run_dir, writer
 
 
-def log_iteration(
-    writer, global_step, stats, rollout, returns, learning_rate, sps, timers, new_episodes
-):
+def log_iteration(writer, global_step, stats, rollout, returns, learning_rate, sps, timers, new_episodes):
     """TensorBoard scalars of one iteration, under the tags of the popular single-file scripts."""
     for episode_return, episode_length in new_episodes:
         writer.add_scalar("charts/episodic_return", episode_return, global_step)
@@ -806,9 +781,7 @@ def log_iteration(
         writer.add_scalar(f"time/{key}_s", getattr(timers, key), global_step)
 
 
-def progress_line(
-    global_step: int, total_steps: int, sps: float, recent_returns, timers: Timers
-) -> str:
+def progress_line(global_step: int, total_steps: int, sps: float, recent_returns, timers: Timers) -> str:
     eta = format_duration((total_steps - global_step) / max(sps, 1e-9))
     recent = f"{np.mean(recent_returns):9.1f}" if recent_returns else "      n/a"
     return (
@@ -919,9 +892,7 @@ def train(args: Args) -> dict:
                 args.num_iterations,
             ):
                 last_print = time.time()
-                print(
-                    progress_line(global_step, total_steps, sps, recent_returns, timers), flush=True
-                )
+                print(progress_line(global_step, total_steps, sps, recent_returns, timers), flush=True)
             if args.save_interval and iteration % args.save_interval == 0:
                 save(done)
     except KeyboardInterrupt:
@@ -984,9 +955,7 @@ def train(args: Args) -> dict:
     return summary
 
 
-def evaluate_final_model(
-    agent: Agent, obs_normalizer: ObservationNormalizer, args: Args, run_dir: Path
-) -> dict:
+def evaluate_final_model(agent: Agent, obs_normalizer: ObservationNormalizer, args: Args, run_dir: Path) -> dict:
     video_dir = run_dir / "videos" if args.capture_video else None
     returns = evaluate(
         agent,

@@ -230,9 +230,7 @@ def validate_args(args: Args) -> None:
     )  # fmt: skip
     for name in positive:
         if getattr(args, name) < 1:
-            raise ConfigError(
-                f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
-            )
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.sft_steps < 0 or args.num_sample_texts < 0:
         raise ConfigError("--sft-steps and --num-sample-texts must not be negative")
     if args.n_embd % args.n_head != 0:
@@ -246,14 +244,11 @@ def validate_args(args: Args) -> None:
         )
     if args.block_size < MAX_SENTENCE_TOKENS:
         raise ConfigError(
-            f"the longest grammar sentence needs {MAX_SENTENCE_TOKENS} tokens, more than "
-            f"--block-size {args.block_size}"
+            f"the longest grammar sentence needs {MAX_SENTENCE_TOKENS} tokens, more than --block-size {args.block_size}"
         )
     for name in ("learning_rate", "sft_learning_rate", "rm_learning_rate", "temperature"):
         if not getattr(args, name) > 0:
-            raise ConfigError(
-                f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
-            )
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not 0 <= args.gamma <= 1 or not 0 <= args.gae_lambda <= 1:
         raise ConfigError("--gamma and --gae-lambda must lie in [0, 1]")
     if args.kl_coef < 0:
@@ -269,9 +264,7 @@ def validate_args(args: Args) -> None:
             f"(num_prompts * samples_per_prompt = {args.batch_size})"
         )
     if args.advantage_estimator not in ("gae", "grpo", "rloo"):
-        raise ConfigError(
-            f"unknown --advantage-estimator {args.advantage_estimator!r}: use gae, grpo or rloo"
-        )
+        raise ConfigError(f"unknown --advantage-estimator {args.advantage_estimator!r}: use gae, grpo or rloo")
     if args.kl_estimator not in ("k1", "k3"):
         raise ConfigError(f"unknown --kl-estimator {args.kl_estimator!r}: use k1 or k3")
     if args.advantage_estimator != "gae" and args.samples_per_prompt < 2:
@@ -282,9 +275,7 @@ def validate_args(args: Args) -> None:
     if args.advantage_estimator != "gae" and args.whiten_rewards:
         raise ConfigError("--whiten-rewards whitens per-token rewards before GAE: use it with gae")
     if args.adaptive_kl and (args.kl_target <= 0 or args.kl_horizon < 1 or args.kl_coef == 0):
-        raise ConfigError(
-            "--adaptive-kl needs a positive --kl-target, --kl-horizon and starting --kl-coef"
-        )
+        raise ConfigError("--adaptive-kl needs a positive --kl-target, --kl-horizon and starting --kl-coef")
     for flag, path in (
         ("--sft-checkpoint", args.sft_checkpoint),
         ("--reward-model-checkpoint", args.reward_model_checkpoint),
@@ -369,9 +360,7 @@ def gold_score(words: list[str], ended: bool = True) -> float:
     return float(sum(w in POSITIVE_WORDS for w in words) - sum(w in NEGATIVE_WORDS for w in words))
 
 
-def left_pad(
-    sequences: list[list[int]], length: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(sequences: list[list[int]], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists with PAD -> tokens (B, L) and attention mask (B, L), 1 = real token.
 
     Left padding puts the last prompt token of every row in the same column, so generation appends
@@ -427,9 +416,7 @@ class Block(nn.Module):
         super().__init__()
         self.ln_1, self.ln_2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
         self.attn = CausalSelfAttention(n_embd, n_head)
-        self.mlp = nn.Sequential(
-            nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd)
-        )
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd))
 
     def forward(self, x, allowed, past=None):
         attended, present = self.attn(self.ln_1(x), allowed, past)
@@ -464,9 +451,7 @@ class Transformer(nn.Module):
             position_ids = position_ids_from_mask(mask)[:, S - T :]
         query_index = torch.arange(S - T, S, device=tokens.device)[:, None]  # (T, 1)
         key_index = torch.arange(S, device=tokens.device)[None, :]  # (1, S)
-        allowed = ((key_index <= query_index) & mask[:, None, :].bool()) | (
-            key_index == query_index
-        )
+        allowed = ((key_index <= query_index) & mask[:, None, :].bool()) | (key_index == query_index)
         allowed = allowed[:, None]  # (B, 1, T, S), broadcast over heads
         x = self.wte(tokens) + self.wpe(position_ids)
         presents = []
@@ -719,9 +704,7 @@ def ppo_loss(
     else:
         value_loss_unclipped = (new_values - returns) ** 2
         if args.clip_vloss:  # clipped around the old prediction, as in PPO2's baselines code
-            values_clipped = old_values + torch.clamp(
-                new_values - old_values, -args.clip_coef, args.clip_coef
-            )
+            values_clipped = old_values + torch.clamp(new_values - old_values, -args.clip_coef, args.clip_coef)
             value_loss_max = torch.max(value_loss_unclipped, (values_clipped - returns) ** 2)
             value_loss = 0.5 * masked_mean(value_loss_max, mask)
         else:
@@ -803,9 +786,7 @@ def train_sft(args: Args, device, writer: SummaryWriter) -> LanguageModel:
         schedule.step()
         if step % 50 == 0 or step == args.sft_steps - 1:
             writer.add_scalar("sft/loss", loss.item(), step)
-    print(
-        f"SFT: {args.sft_steps} steps in {time.time() - start:.1f}s, final loss {loss.item():.3f}"
-    )
+    print(f"SFT: {args.sft_steps} steps in {time.time() - start:.1f}s, final loss {loss.item():.3f}")
     return model
 
 
@@ -844,9 +825,7 @@ def train_reward_model(args: Args, sft: LanguageModel, device, writer) -> Scalar
         rng.shuffle(order)
         for i in range(0, args.rm_num_pairs - args.rm_batch_size + 1, args.rm_batch_size):
             idx = order[i : i + args.rm_batch_size]
-            tokens, mask = sentence_batch(
-                [chosen[j] for j in idx] + [rejected[j] for j in idx], device
-            )
+            tokens, mask = sentence_batch([chosen[j] for j in idx] + [rejected[j] for j in idx], device)
             scores = reward_model_score(model, tokens, mask, normalize=False)
             score_chosen, score_rejected = scores.chunk(2)
             loss = -F.logsigmoid(score_chosen - score_rejected).mean()
@@ -872,9 +851,7 @@ def reward_model_accuracy(model: ScalarModel, rng: random.Random, device, num_pa
     a = [sample_sentence(rng) for _ in range(num_pairs)]
     b = [sample_sentence(rng) for _ in range(num_pairs)]
     scores = reward_model_score(model, *sentence_batch(a + b, device), normalize=False)
-    gold_diff = torch.tensor(
-        [gold_score(x) - gold_score(y) for x, y in zip(a, b, strict=True)], device=device
-    )
+    gold_diff = torch.tensor([gold_score(x) - gold_score(y) for x, y in zip(a, b, strict=True)], device=device)
     score_diff = scores[:num_pairs] - scores[num_pairs:]
     decided = gold_diff != 0
     return ((score_diff * gold_diff > 0) & decided).sum().item() / max(decided.sum().item(), 1)
@@ -907,12 +884,8 @@ def sample_and_score(policy, reference, reward_model, prompts, args: Args, devic
     prompt_length = query.shape[1]
     # Recompute the log-probs with one full forward pass rather than keeping those of sampling:
     # the update recomputes them with the same function, so the first ratio is exactly 1.
-    logits = response_logits(
-        policy, query_responses, attention_mask, prompt_length, args.temperature
-    )
-    ref_logits = response_logits(
-        reference, query_responses, attention_mask, prompt_length, args.temperature
-    )
+    logits = response_logits(policy, query_responses, attention_mask, prompt_length, args.temperature)
+    ref_logits = response_logits(reference, query_responses, attention_mask, prompt_length, args.temperature)
     raw_scores = reward_model_score(reward_model, query_responses, attention_mask)
     return {
         "query_responses": query_responses,
@@ -934,9 +907,7 @@ def sample_and_score(policy, reference, reward_model, prompts, args: Args, devic
 def text_metrics(batch: dict) -> dict:
     """Exact quality of sampled text: validity, gold score, EOS rate, length, distinct-2, and texts."""
     texts, valid, gold, bigrams, num_bigrams = [], [], [], set(), 0
-    for row, ended in zip(
-        batch["query_responses"].tolist(), batch["has_eos"].tolist(), strict=True
-    ):
+    for row, ended in zip(batch["query_responses"].tolist(), batch["has_eos"].tolist(), strict=True):
         words = decode(row)
         texts.append(" ".join(words) + ("" if ended else " [no EOS]"))
         valid.append(ended and is_valid(words))
@@ -1029,9 +1000,7 @@ def make_rollout(batch: dict, critic, kl_coef: float, args: Args) -> tuple[Rollo
         # The same KL-penalized reward, summed per response (as in RLOO, arXiv:2402.14740; GRPO
         # puts a k3 KL term in the loss instead, we keep it in the reward so only the baseline differs).
         sequence_rewards = batch["scores"] - kl_coef * kl.sum(dim=1)
-        seq_adv = group_advantages(
-            sequence_rewards, args.samples_per_prompt, args.advantage_estimator
-        )
+        seq_adv = group_advantages(sequence_rewards, args.samples_per_prompt, args.advantage_estimator)
         advantages = seq_adv[:, None] * mask  # every token of a response shares its advantage
     # Whitened over the valid tokens of the whole rollout (arXiv:2403.17031): padding must not
     # shift the statistics.
@@ -1076,9 +1045,7 @@ def load_model(path: str, stage: str, model: nn.Module) -> nn.Module:
     if payload.get("stage") != stage:
         raise ConfigError(f"{path} holds the {payload.get('stage')} model, not the {stage} model")
     if payload["config"] != asdict(model.config):
-        raise ConfigError(
-            f"{path} has model shape {payload['config']}, but the flags ask for {asdict(model.config)}"
-        )
+        raise ConfigError(f"{path} has model shape {payload['config']}, but the flags ask for {asdict(model.config)}")
     model.load_state_dict(payload["model"])
     return model
 
@@ -1246,9 +1213,7 @@ def run_ppo(args, policy, critic, reference, reward_model, optimizer, kl_control
     Writes its results into `results` as it goes, so an interruption keeps what was measured.
     """
     prompt_rng = random.Random(args.seed + 4)
-    eval_prompts = make_prompts(
-        args.eval_prompts, args.max_prompt_words, random.Random(args.seed + 5)
-    )
+    eval_prompts = make_prompts(args.eval_prompts, args.max_prompt_words, random.Random(args.seed + 5))
     results["history"] = []
     evaluation = evaluate(policy, reference, reward_model, eval_prompts, args, device)
     results["sft"] = {k: v for k, v in evaluation.items() if k != "texts"}

@@ -49,9 +49,7 @@ def main() -> None:
     lines = ["| steps | " + " | ".join(curves) + " |", "|---|" + "---|" * len(curves)]
     for i in range(len(next(iter(table.values())))):
         cells = [f"{t[i]:.1f}" if t[i] is not None else "" for t in table.values()]
-        lines.append(
-            f"| {i * args.window:,}-{(i + 1) * args.window:,} | " + " | ".join(cells) + " |"
-        )
+        lines.append(f"| {i * args.window:,}-{(i + 1) * args.window:,} | " + " | ".join(cells) + " |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -64,8 +62,7 @@ def main() -> None:
     for label, curve in curves.items():
         returns = [r for _, r in curve]
         smoothed = [
-            sum(returns[max(0, i - 49) : i + 1]) / len(returns[max(0, i - 49) : i + 1])
-            for i in range(len(returns))
+            sum(returns[max(0, i - 49) : i + 1]) / len(returns[max(0, i - 49) : i + 1]) for i in range(len(returns))
         ]
         ax.plot([s for s, _ in curve], smoothed, label=f"{label} ({len(curve)} games)")
     ax.set_xlabel("environment steps")

@@ -102,8 +102,7 @@ def plot(curves: list[dict], path: Path) -> None:
             rows = [r for r in curves if r["config"] == config]
             episodes = sorted({r["episode"] for r in rows})
             means = [
-                sum(r[key] for r in rows if r["episode"] == e)
-                / sum(1 for r in rows if r["episode"] == e)
+                sum(r[key] for r in rows if r["episode"] == e) / sum(1 for r in rows if r["episode"] == e)
                 for e in episodes
             ]
             ax.plot(episodes, means, label=config, linewidth=1.2)

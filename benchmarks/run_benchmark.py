@@ -38,9 +38,7 @@ def read_episodic_returns(run_dir: Path) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in accumulator.Scalars("charts/episodic_return")]
 
 
-def finished_run(
-    out: Path, exp_name: str, env_id: str, seed: int, total_timesteps: int
-) -> Path | None:
+def finished_run(out: Path, exp_name: str, env_id: str, seed: int, total_timesteps: int) -> Path | None:
     """The newest completed run of (env, seed) with this budget in `out`, if any: a benchmark that
     was stopped, or extended with more seeds, does not train again what it already has."""
     for run_dir in sorted((out / "runs").glob(f"{exp_name}__{env_id}__{seed}__*"), reverse=True):
@@ -48,10 +46,7 @@ def finished_run(
         if summary_path.exists():
             summary = json.loads(summary_path.read_text())
             batch = summary["global_step"] / max(summary["iterations"], 1)
-            if (
-                summary["status"] == "completed"
-                and total_timesteps - summary["global_step"] < batch
-            ):
+            if summary["status"] == "completed" and total_timesteps - summary["global_step"] < batch:
                 return run_dir
     return None
 
@@ -84,9 +79,7 @@ def run_one(script: str, env_id: str, seed: int, args: argparse.Namespace) -> di
     evaluation = subprocess.run(eval_command, capture_output=True, text=True, env=env, check=True)
     eval_line = evaluation.stdout.strip().splitlines()[-1]
     # "<env> (<path>, <steps> steps): return <mean> +- <std> over <n> episodes"
-    eval_mean, eval_std = (
-        float(x) for x in eval_line.split("return ")[1].split(" over")[0].split(" +- ")
-    )
+    eval_mean, eval_std = (float(x) for x in eval_line.split("return ")[1].split(" over")[0].split(" +- "))
 
     curve = read_episodic_returns(run_dir)
     last_100 = [r for _, r in curve[-100:]]
@@ -98,9 +91,7 @@ def run_one(script: str, env_id: str, seed: int, args: argparse.Namespace) -> di
         "mean_return_last100": sum(last_100) / len(last_100) if last_100 else float("nan"),
         "eval_return_mean": eval_mean,
         "eval_return_std": eval_std,
-        "eval_over_train": eval_mean / (sum(last_100) / len(last_100))
-        if last_100
-        else float("nan"),
+        "eval_over_train": eval_mean / (sum(last_100) / len(last_100)) if last_100 else float("nan"),
         "train_wall_time_s": summary["wall_time_s"],
         "sps": summary["sps"],
         "time_env_s": summary.get("time_env_s"),
@@ -126,8 +117,7 @@ def plot(results: list[dict], path: Path) -> None:
             returns = [r for _, r in result["curve"]]
             window = 20  # moving average over episodes, for readability
             smoothed = [
-                sum(returns[max(0, i - window + 1) : i + 1])
-                / len(returns[max(0, i - window + 1) : i + 1])
+                sum(returns[max(0, i - window + 1) : i + 1]) / len(returns[max(0, i - window + 1) : i + 1])
                 for i in range(len(returns))
             ]
             ax.plot(steps, smoothed, label=f"seed {result['row']['seed']}")
@@ -168,9 +158,7 @@ def main() -> None:
         writer.writerow(["env_id", "seed", "global_step", "episodic_return"])
         for result in results:
             for step, episodic_return in result["curve"]:
-                writer.writerow(
-                    [result["row"]["env_id"], result["row"]["seed"], step, episodic_return]
-                )
+                writer.writerow([result["row"]["env_id"], result["row"]["seed"], step, episodic_return])
     plot(results, out / "curves.png")
     print(f"wrote {out / 'results.csv'}, {out / 'curves.csv'}, {out / 'curves.png'}")
 

@@ -148,9 +148,7 @@ def test_both_paths_compute_the_same_pixels():
         autoreset_mode=pa.gym.vector.AutoresetMode.SAME_STEP,
     )  # fmt: skip
     readable = pa.gym.make("BreakoutNoFrameskip-v4", frameskip=1)
-    readable = pa.gym.wrappers.AtariPreprocessing(
-        readable, noop_max=0, frame_skip=4, screen_size=84
-    )
+    readable = pa.gym.wrappers.AtariPreprocessing(readable, noop_max=0, frame_skip=4, screen_size=84)
     readable = pa.gym.wrappers.FrameStackObservation(readable, 4, padding_type="zero")
     obs_fast, _ = fast.reset(seed=0)
     obs_readable, _ = readable.reset(seed=0)
@@ -219,10 +217,7 @@ def test_both_paths_agree_on_a_whole_game():
     must not depend on them: format, clipped rewards, life-loss signals and score accounting."""
     rng = np.random.default_rng(1)
     actions = rng.integers(0, 4, 5000)
-    results = {
-        b: play_one_game(b, "BreakoutNoFrameskip-v4", lambda i: actions[i : i + 1])
-        for b in BACKENDS
-    }
+    results = {b: play_one_game(b, "BreakoutNoFrameskip-v4", lambda i: actions[i : i + 1]) for b in BACKENDS}
     for result in results.values():
         score, length = result["game"]
         assert result["life_losses"] == result["lives"] - 1 == 4
@@ -240,9 +235,7 @@ def test_no_phantom_transition_reaches_the_rollout(backend):
     agent = pa.Agent(4)
     raw_obs, _ = envs.reset(seed=0)
     games: list = []
-    rollout, _ = pa.collect_rollout(
-        [envs], agent, torch.as_tensor(raw_obs), 300, pa.Timers(), games
-    )
+    rollout, _ = pa.collect_rollout([envs], agent, torch.as_tensor(raw_obs), 300, pa.Timers(), games)
     envs.close()
     obs = rollout.obs  # (T, N, 4, 84, 84) uint8
     assert obs.dtype == torch.uint8 and obs.shape == (300, 2, 4, 84, 84)
@@ -331,9 +324,7 @@ def test_initialization_and_pixel_scaling():
     w = agent.actor.weight  # orthogonal rows with gain 0.01
     assert torch.allclose(w @ w.T, 1e-4 * torch.eye(6), atol=1e-8)
     assert torch.allclose(agent.critic.weight @ agent.critic.weight.T, torch.ones(1, 1))
-    assert all(
-        not m.bias.any() for m in agent.modules() if hasattr(m, "bias") and m.bias is not None
-    )
+    assert all(not m.bias.any() for m in agent.modules() if hasattr(m, "bias") and m.bias is not None)
     obs = torch.randint(0, 256, (3, 4, 84, 84), dtype=torch.uint8)
     _, logprob, entropy, _ = agent.get_action_and_value(obs)
     assert entropy.tolist() == pytest.approx([np.log(6)] * 3, abs=1e-3)  # near-uniform policy
@@ -351,15 +342,11 @@ def test_channels_last_and_bf16_compute_the_same_function():
     actions = torch.randint(0, 4, (8,))
     _, lp_fast, _, v_fast = fast.get_action_and_value(obs, actions)
     _, lp_plain, _, v_plain = plain.get_action_and_value(obs, actions)
-    assert torch.allclose(lp_fast, lp_plain, atol=1e-5) and torch.allclose(
-        v_fast, v_plain, atol=1e-5
-    )
+    assert torch.allclose(lp_fast, lp_plain, atol=1e-5) and torch.allclose(v_fast, v_plain, atol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, lp_bf16, _, v_bf16 = fast.get_action_and_value(obs, actions)
     assert lp_bf16.dtype == torch.float32  # the loss is computed in float32
-    assert torch.allclose(lp_bf16, lp_plain, atol=2e-2) and torch.allclose(
-        v_bf16, v_plain, atol=5e-2
-    )
+    assert torch.allclose(lp_bf16, lp_plain, atol=2e-2) and torch.allclose(v_bf16, v_plain, atol=5e-2)
 
 
 def test_ratio_is_one_on_the_first_minibatch(tmp_path, monkeypatch):
@@ -405,18 +392,14 @@ def _rank_worker(rank: int, out: str, port: int) -> None:
         target_kl=1e-9,  # stops after the first epoch: only if all ranks agree
     )  # fmt: skip
     summary = pa.train(args)
-    torch.save(
-        {"model": captured["agent"].state_dict(), "summary": summary}, f"{out}/rank{rank}.pt"
-    )
+    torch.save({"model": captured["agent"].state_dict(), "summary": summary}, f"{out}/rank{rank}.pt")
 
 
 def test_two_processes_stay_bitwise_identical(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    context = torch.multiprocessing.spawn(
-        _rank_worker, args=(str(tmp_path), port), nprocs=2, join=False
-    )
+    context = torch.multiprocessing.spawn(_rank_worker, args=(str(tmp_path), port), nprocs=2, join=False)
     deadline = time.time() + 120  # a rank that broke out of the loop alone would hang the other
     while not context.join(timeout=1):
         if time.time() > deadline:
@@ -449,11 +432,7 @@ def test_train_writes_logs_checkpoint_and_summary(tmp_path, backend, flags):
     assert summary["status"] == "completed" and summary["env_backend"] == backend
     assert summary["global_step"] == 256 and summary["iterations"] == 4
     assert json.loads((run_dir / "summary.json").read_text()) == summary
-    assert (
-        summary["time_env_s"] > 0
-        and summary["time_inference_s"] > 0
-        and summary["time_update_s"] > 0
-    )
+    assert summary["time_env_s"] > 0 and summary["time_inference_s"] > 0 and summary["time_update_s"] > 0
     checkpoint = pa.load_checkpoint(summary["checkpoint"], "BreakoutNoFrameskip-v4")
     assert checkpoint["global_step"] == 256 and checkpoint["iteration"] == 4
 
@@ -474,9 +453,7 @@ def test_train_writes_logs_checkpoint_and_summary(tmp_path, backend, flags):
 
 def test_checkpoint_round_trip_in_a_fresh_process(tmp_path):
     summary = pa.train(tiny_args(tmp_path, eval_episodes=2, seed=5))
-    result = run_cli(
-        "--eval-checkpoint", summary["checkpoint"], "--eval-episodes", "2", "--seed", "5"
-    )
+    result = run_cli("--eval-checkpoint", summary["checkpoint"], "--eval-episodes", "2", "--seed", "5")
     assert result.returncode == 0, result.stderr
     line = result.stdout.strip().splitlines()[-1]
     # The format benchmarks/run_benchmark.py parses.
@@ -554,9 +531,7 @@ def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     good = pa.train(tiny_args(tmp_path))
     before = Path(good["checkpoint"]).read_bytes()
     with pytest.raises(pa.TrainingDiverged, match="last good checkpoint is kept"):
-        pa.train(
-            tiny_args(tmp_path, total_timesteps=640, resume=good["checkpoint"], learning_rate=1e30)
-        )
+        pa.train(tiny_args(tmp_path, total_timesteps=640, resume=good["checkpoint"], learning_rate=1e30))
     assert Path(good["checkpoint"]).read_bytes() == before
 
 
@@ -587,9 +562,7 @@ def test_bad_configuration_is_rejected(tmp_path, overrides, message):
 
 def test_checkpoint_of_another_env_or_script_is_rejected(tmp_path):
     summary = pa.train(tiny_args(tmp_path, total_timesteps=64))
-    with pytest.raises(
-        pa.ConfigError, match="trained on BreakoutNoFrameskip-v4, not on PongNoFrameskip-v4"
-    ):
+    with pytest.raises(pa.ConfigError, match="trained on BreakoutNoFrameskip-v4, not on PongNoFrameskip-v4"):
         pa.train(tiny_args(tmp_path, env_id="PongNoFrameskip-v4", resume=summary["checkpoint"]))
     foreign = tmp_path / "continuous.pt"
     torch.save({"script": "ppo_continuous", "env_id": "HalfCheetah-v4"}, foreign)

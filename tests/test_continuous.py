@@ -60,9 +60,7 @@ def test_gae_termination_hand_computed():
     d0 = 1.0 + 0.9 * 1.0 - 0.5
     expected = [d0 + gamma * lam * d1, d1, d2]  # the recursion stops at the episode end
     assert adv.squeeze(1).tolist() == pytest.approx(expected)
-    assert ret.squeeze(1).tolist() == pytest.approx(
-        [a + v for a, v in zip(expected, [0.5, 1.0, 2.0], strict=True)]
-    )
+    assert ret.squeeze(1).tolist() == pytest.approx([a + v for a, v in zip(expected, [0.5, 1.0, 2.0], strict=True)])
 
 
 def test_gae_truncation_bootstraps_from_final_observation():
@@ -100,10 +98,7 @@ def test_gae_lambda_one_is_monte_carlo_return_minus_value():
     zeros = torch.zeros(T, 1)
     adv, ret = pc.compute_gae(rewards, values, next_values, zeros, zeros, gamma, 1.0)
     for i in range(T):
-        mc = (
-            sum(gamma**k * rewards[i + k, 0].item() for k in range(T - i))
-            + gamma ** (T - i) * last_value.item()
-        )
+        mc = sum(gamma**k * rewards[i + k, 0].item() for k in range(T - i)) + gamma ** (T - i) * last_value.item()
         assert adv[i, 0].item() == pytest.approx(mc - values[i, 0].item(), abs=1e-5)
         assert ret[i, 0].item() == pytest.approx(mc, abs=1e-5)
 
@@ -119,19 +114,13 @@ def test_gae_several_envs_with_different_episode_ends():
     terminations[2, 0] = ends[2, 0] = 1  # env 0: terminated at t = 2
     ends[4, 1] = 1  # env 1: truncated at t = 4
     terminations[0, 2] = ends[0, 2] = ends[5, 2] = 1  # env 2: terminated at 0, truncated at 5
-    adv, _ = pc.compute_gae(
-        *(t(x.tolist()) for x in (rewards, values, next_values, terminations, ends)), gamma, lam
-    )
+    adv, _ = pc.compute_gae(*(t(x.tolist()) for x in (rewards, values, next_values, terminations, ends)), gamma, lam)
     for n in range(N):
         for i in range(T):
             # Forward sum of discounted TD errors up to and including the end of i's episode.
             expected, weight = 0.0, 1.0
             for k in range(i, T):
-                delta = (
-                    rewards[k, n]
-                    + gamma * (1 - terminations[k, n]) * next_values[k, n]
-                    - values[k, n]
-                )
+                delta = rewards[k, n] + gamma * (1 - terminations[k, n]) * next_values[k, n] - values[k, n]
                 expected += weight * delta
                 if ends[k, n]:
                     break
@@ -301,9 +290,7 @@ def test_initialization_follows_the_ppo_details():
     # Orthogonal with gain 0.01: rows orthonormal up to that scale.
     torch.testing.assert_close(head.weight @ head.weight.T, 1e-4 * torch.eye(3), atol=1e-7, rtol=0)
     assert agent.critic[-1].weight.norm().item() == pytest.approx(1.0, rel=1e-5)
-    assert all(
-        layer.bias.abs().max() == 0 for layer in agent.modules() if isinstance(layer, nn.Linear)
-    )
+    assert all(layer.bias.abs().max() == 0 for layer in agent.modules() if isinstance(layer, nn.Linear))
     assert agent.actor_logstd.abs().max() == 0  # std starts at 1
 
 
@@ -344,9 +331,7 @@ def test_clipped_surrogate_gradient(ratio, advantage, gradient_expected):
     old_logprobs = torch.zeros(1)
     new_logprobs = torch.tensor([math.log(ratio)], requires_grad=True)
     zeros = torch.zeros(1)
-    loss, stats = pc.ppo_loss(
-        new_logprobs, old_logprobs, zeros, zeros, zeros, torch.tensor([advantage]), zeros, args
-    )
+    loss, stats = pc.ppo_loss(new_logprobs, old_logprobs, zeros, zeros, zeros, torch.tensor([advantage]), zeros, args)
     loss.backward()
     assert (new_logprobs.grad.abs().item() > 0) == gradient_expected
     assert stats["clipfrac"].item() == float(abs(ratio - 1) > 0.2)
@@ -368,9 +353,7 @@ def test_clipped_value_loss_blocks_gradient_beyond_the_clip():
     loss.backward()
     assert near.grad.item() == pytest.approx(-0.9)  # d/dv 0.5 (v - R)^2
     unclipped = torch.tensor([-0.5], requires_grad=True)
-    loss, _ = pc.ppo_loss(
-        zeros, zeros, zeros, unclipped, old_values, zeros, returns, replace(args, clip_vloss=False)
-    )
+    loss, _ = pc.ppo_loss(zeros, zeros, zeros, unclipped, old_values, zeros, returns, replace(args, clip_vloss=False))
     loss.backward()
     assert unclipped.grad.item() == pytest.approx(-1.5)
 
@@ -388,9 +371,7 @@ def test_train_writes_logs_checkpoint_and_summary(tmp_path):
     checkpoint = pc.load_checkpoint(summary["checkpoint"], "InvertedPendulum-v4")
     assert checkpoint["global_step"] == 1024 and checkpoint["iteration"] == 4
     assert set(checkpoint) >= {"model", "optimizer", "obs_rms", "return_rms", "args"}
-    assert (
-        checkpoint["obs_rms"]["count"] > 1000
-    )  # statistics of the whole run, saved with the model
+    assert checkpoint["obs_rms"]["count"] > 1000  # statistics of the whole run, saved with the model
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -410,9 +391,7 @@ def test_train_writes_logs_checkpoint_and_summary(tmp_path):
 
 def test_checkpoint_round_trip_in_a_fresh_process(tmp_path):
     summary = pc.train(tiny_args(tmp_path, total_timesteps=2048, eval_episodes=3))
-    result = run_cli(
-        "--eval-checkpoint", summary["checkpoint"], "--eval-episodes", "3", "--seed", "1"
-    )
+    result = run_cli("--eval-checkpoint", summary["checkpoint"], "--eval-episodes", "3", "--seed", "1")
     assert result.returncode == 0, result.stderr
     reported = float(result.stdout.split("return ")[1].split(" +- ")[0])
     assert reported == pytest.approx(summary["eval_return_mean"], abs=0.051)
@@ -425,9 +404,7 @@ def test_checkpoint_round_trip_in_a_fresh_process(tmp_path):
         "obs = norm(np.array([[0.1, -0.2, 0.3, -0.4]]), update=False)\n"
         "print(json.dumps([obs.tolist(), agent.actor_mean(torch.as_tensor(obs)).tolist()]))\n"
     )
-    fresh = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True
-    )
+    fresh = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True)
     fresh_obs, fresh_action = json.loads(fresh.stdout)
     checkpoint = pc.load_checkpoint(summary["checkpoint"])
     agent, normalizer = pc.load_agent(checkpoint, 4, 1, torch.device("cpu"))
@@ -445,9 +422,7 @@ def test_same_seed_gives_the_same_run(tmp_path):
     model_a = pc.load_checkpoint(first["checkpoint"])["model"]
     model_b = pc.load_checkpoint(second["checkpoint"])["model"]
     assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
-    other_seed = pc.load_checkpoint(pc.train(tiny_args(tmp_path / "c", seed=2))["checkpoint"])[
-        "model"
-    ]
+    other_seed = pc.load_checkpoint(pc.train(tiny_args(tmp_path / "c", seed=2))["checkpoint"])["model"]
     assert not all(torch.equal(model_a[k], other_seed[k]) for k in model_a)
 
 
@@ -489,9 +464,7 @@ def test_interrupted_run_saves_and_resumes_to_the_end(tmp_path):
     (checkpoint_path,) = tmp_path.glob("*/checkpoint.pt")
     interrupted_at = pc.load_checkpoint(str(checkpoint_path))["global_step"]
     assert 0 < interrupted_at < 16384
-    assert (
-        json.loads((checkpoint_path.parent / "summary.json").read_text())["status"] == "interrupted"
-    )
+    assert json.loads((checkpoint_path.parent / "summary.json").read_text())["status"] == "interrupted"
 
     args = pc.Args(
         env_id="InvertedPendulum-v4", total_timesteps=16384, num_steps=256, num_minibatches=4,
@@ -510,9 +483,7 @@ def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     good = pc.train(tiny_args(tmp_path))
     before = Path(good["checkpoint"]).read_bytes()
     with pytest.raises(pc.TrainingDiverged, match="last good checkpoint is kept"):
-        pc.train(
-            tiny_args(tmp_path, total_timesteps=4096, resume=good["checkpoint"], learning_rate=1e30)
-        )
+        pc.train(tiny_args(tmp_path, total_timesteps=4096, resume=good["checkpoint"], learning_rate=1e30))
     assert Path(good["checkpoint"]).read_bytes() == before
 
 
@@ -533,18 +504,12 @@ def test_learns_inverted_pendulum(tmp_path):
 
 
 def test_other_box_envs_work(tmp_path):
-    summary = pc.train(
-        tiny_args(tmp_path, env_id="Pendulum-v1", total_timesteps=512, num_steps=128)
-    )
-    assert (
-        summary["status"] == "completed" and summary["episodes"] == 2
-    )  # 200-step episodes, truncated
+    summary = pc.train(tiny_args(tmp_path, env_id="Pendulum-v1", total_timesteps=512, num_steps=128))
+    assert summary["status"] == "completed" and summary["episodes"] == 2  # 200-step episodes, truncated
 
 
 def test_video_of_the_evaluation(tmp_path):
-    summary = pc.train(
-        tiny_args(tmp_path, total_timesteps=256, num_steps=256, eval_episodes=1, capture_video=True)
-    )
+    summary = pc.train(tiny_args(tmp_path, total_timesteps=256, num_steps=256, eval_episodes=1, capture_video=True))
     videos = list((Path(summary["run_dir"]) / "videos").glob("*.mp4"))
     assert len(videos) == 1 and videos[0].stat().st_size > 1000
 

@@ -100,9 +100,7 @@ def test_left_padded_batch_gives_the_same_logprobs_and_values_as_each_sequence_a
     P = query.shape[1]
     temperature = 0.7
     with torch.no_grad():
-        batch_logprobs = toy.logprobs_of(
-            toy.response_logits(policy, tokens, mask, P, temperature), tokens[:, P:]
-        )
+        batch_logprobs = toy.logprobs_of(toy.response_logits(policy, tokens, mask, P, temperature), tokens[:, P:])
         batch_values = critic(tokens, mask)[:, P - 1 : -1]
     for i in range(2):
         n = int(response_mask[i].sum())
@@ -110,9 +108,7 @@ def test_left_padded_batch_gives_the_same_logprobs_and_values_as_each_sequence_a
         alone_mask = torch.ones_like(alone)
         p = len(prompts[i])
         with torch.no_grad():
-            logprobs = toy.logprobs_of(
-                toy.response_logits(policy, alone, alone_mask, p, temperature), alone[:, p:]
-            )[0]
+            logprobs = toy.logprobs_of(toy.response_logits(policy, alone, alone_mask, p, temperature), alone[:, p:])[0]
             values = critic(alone, alone_mask)[0, p - 1 : -1]
         torch.testing.assert_close(batch_logprobs[i, :n], logprobs, atol=1e-5, rtol=0)
         torch.testing.assert_close(batch_values[i, :n], values, atol=1e-5, rtol=0)
@@ -200,9 +196,7 @@ def test_reward_model_reads_the_last_real_token():
     sentence = [toy.BOS, *toy.encode(words("the cat sees the dog .")), toy.EOS]
     alone = torch.tensor([sentence])
     padded = torch.tensor([[toy.PAD, toy.PAD, *sentence, toy.PAD]])  # left and right padding
-    padded_mask = (torch.arange(padded.shape[1]) >= 2) & (
-        torch.arange(padded.shape[1]) < 2 + len(sentence)
-    )
+    padded_mask = (torch.arange(padded.shape[1]) >= 2) & (torch.arange(padded.shape[1]) < 2 + len(sentence))
     with torch.no_grad():
         score_alone = toy.reward_model_score(reward_model, alone, torch.ones_like(alone))
         score_padded = toy.reward_model_score(reward_model, padded, padded_mask.long()[None])
@@ -227,9 +221,7 @@ def test_gae_gamma_one_against_a_hand_computed_case():
     torch.testing.assert_close(returns, (expected + values) * mask)
     # lambda = 1: the advantage is the sum of the remaining rewards minus V
     advantages, _ = toy.compute_gae(rewards, values, mask, gamma=1.0, gae_lambda=1.0)
-    torch.testing.assert_close(
-        advantages, torch.tensor([[0.5, 0.8, 0.9], [1.7, 1.6, 0.0]]), atol=1e-6, rtol=0
-    )
+    torch.testing.assert_close(advantages, torch.tensor([[0.5, 0.8, 0.9], [1.7, 1.6, 0.0]]), atol=1e-6, rtol=0)
 
 
 def test_masked_whitening_ignores_padding():
@@ -403,10 +395,7 @@ def test_adaptive_kl_with_k3_and_reward_whitening_runs(quick_run, tmp_path):
     assert summary["status"] == "completed"
     # KL above the small target: the controller raises beta, by at most 20% * n / horizon a step
     assert betas[-1] > args.kl_coef
-    assert all(
-        b2 <= b1 * (1 + 0.1 * 0.2 * 64 / 100) + 1e-12
-        for b1, b2 in zip(betas[:-1], betas[1:], strict=True)
-    )
+    assert all(b2 <= b1 * (1 + 0.1 * 0.2 * 64 / 100) + 1e-12 for b1, b2 in zip(betas[:-1], betas[1:], strict=True))
     assert all(row["kl"] >= 0 for row in summary["history"])  # k3 is never negative
 
 
@@ -490,9 +479,7 @@ def test_sigterm_saves_the_policy_and_the_summary(quick_run, tmp_path):
         "--total-episodes", "1000000", "--eval-prompts", "32",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     for line in process.stdout:  # wait until PPO runs
         if line.startswith("iteration"):
             break
