@@ -181,7 +181,7 @@ class Args:
     kl_estimator: Literal["k1", "k3"] = "k1"
     """the per-token KL estimate in the reward: k1 = log p - log p_ref, k3 = (r - 1) - log r"""
     adaptive_kl: bool = False
-    """adapt beta towards kl_target with the proportional controller of Ziegler et al."""
+    """adapt beta towards kl_target with the proportional controller of Ziegler et al. (lm-human-preferences)"""
     kl_target: float = 1.0
     """the KL (nats per response) the adaptive controller aims for"""
     kl_horizon: int = 10000
@@ -726,9 +726,12 @@ def ppo_loss(
 
 
 class AdaptiveKLController:
-    """beta_{t+1} = beta_t * (1 + K_beta * e_t * n / horizon), e_t = clip(KL / target - 1, +-0.2).
+    """beta <- beta * (1 + e * n / horizon), e = clip(KL / target - 1, -0.2, 0.2), n = responses sampled.
 
-    The proportional controller of Ziegler et al. 2019 (arXiv:1909.08593), with K_beta = 0.1.
+    The proportional controller of Ziegler et al. 2019 (arXiv:1909.08593, sec. 2.2), as coded in OpenAI's
+    lm-human-preferences (AdaptiveKLController): n / horizon is the controller's gain, so with the KL
+    far above the target beta grows by a factor of about e^0.2 = 1.22 per `horizon` responses (and
+    shrinks as fast far below it); there is no further K_beta factor.
     """
 
     def __init__(self, kl_coef: float, target: float, horizon: int):
@@ -736,7 +739,7 @@ class AdaptiveKLController:
 
     def update(self, current_kl: float, num_responses: int) -> None:
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + 0.1 * error * num_responses / self.horizon
+        self.value *= 1.0 + error * num_responses / self.horizon
 
 
 @dataclass

@@ -316,11 +316,21 @@ def math_log(x: float) -> float:
 
 
 def test_adaptive_kl_controller_moves_beta_towards_the_target():
-    controller = toy.AdaptiveKLController(0.1, target=1.0, horizon=100)
-    controller.update(current_kl=5.0, num_responses=10)  # error clipped to +0.2
-    assert controller.value == pytest.approx(0.1 * (1 + 0.1 * 0.2 * 10 / 100))
-    controller.update(current_kl=0.0, num_responses=10)
-    assert controller.value < 0.1 * (1 + 0.1 * 0.2 * 10 / 100)
+    controller = toy.AdaptiveKLController(0.2, target=1.0, horizon=100)
+    # beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon), n = 10 responses:
+    # KL 5.0 -> error +0.2 (clipped), 1.1 -> +0.1, 0.5 -> -0.2 (clipped), 0.0 -> -0.2, 1.0 -> 0
+    expected = [0.2 * 1.02, 0.2 * 1.02 * 1.01, 0.2 * 1.02 * 1.01 * 0.98, 0.2 * 1.02 * 1.01 * 0.98 * 0.98]
+    expected.append(expected[-1])
+    betas = []
+    for kl in (5.0, 1.1, 0.5, 0.0, 1.0):
+        controller.update(current_kl=kl, num_responses=10)
+        betas.append(controller.value)
+    assert betas == pytest.approx(expected, rel=1e-12)
+    # the case: KL at 10x the target for 100 iterations of 128 responses, horizon 10000
+    controller = toy.AdaptiveKLController(0.2, target=1.0, horizon=10000)
+    for _ in range(100):
+        controller.update(current_kl=10.0, num_responses=128)
+    assert controller.value == pytest.approx(0.2 * (1 + 0.2 * 128 / 10000) ** 100) == pytest.approx(0.258, abs=1e-3)
 
 
 # END TO END
@@ -395,7 +405,7 @@ def test_adaptive_kl_with_k3_and_reward_whitening_runs(quick_run, tmp_path):
     assert summary["status"] == "completed"
     # KL above the small target: the controller raises beta, by at most 20% * n / horizon a step
     assert betas[-1] > args.kl_coef
-    assert all(b2 <= b1 * (1 + 0.1 * 0.2 * 64 / 100) + 1e-12 for b1, b2 in zip(betas[:-1], betas[1:], strict=True))
+    assert all(b2 <= b1 * (1 + 0.2 * 64 / 100) + 1e-12 for b1, b2 in zip(betas[:-1], betas[1:], strict=True))
     assert all(row["kl"] >= 0 for row in summary["history"])  # k3 is never negative
 
 
