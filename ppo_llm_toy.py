@@ -26,8 +26,8 @@ CPU in about a minute with nothing downloaded:
    arXiv:1909.08593; InstructGPT, Ouyang et al. 2022, arXiv:2203.02155), and the implementation
    details of "The N Implementation Details of RLHF with PPO" (Huang et al. 2024, arXiv:2403.17031),
    each named in a comment where it is implemented. `--advantage-estimator grpo|rloo` swaps the critic
-   for group-relative baselines (GRPO, Shao et al. 2024, arXiv:2402.03300; RLOO, Ahmadian et al. 2024,
-   arXiv:2402.14740) and changes nothing else.
+   and GAE for group-relative baselines (GRPO, Shao et al. 2024, arXiv:2402.03300; RLOO, Ahmadian et al.
+   2024, arXiv:2402.14740): one advantage per response, on all its tokens, not whitened again.
 
 Because validity and the gold score are exact, the run *shows* reward hacking: with --kl-coef 0 the
 policy drives the proxy reward up while validity and gold reward fall; with the default KL penalty it
@@ -161,7 +161,7 @@ class Args:
     gae_lambda: float = 0.95
     """the lambda of Generalized Advantage Estimation"""
     norm_adv: bool = True
-    """whiten the advantages over the valid response tokens of the rollout"""
+    """whiten the GAE advantages over the valid response tokens of the rollout (gae only: grpo/rloo keep theirs)"""
     whiten_rewards: bool = False
     """whiten the per-token rewards (scale only, over valid tokens) before GAE"""
     clip_coef: float = 0.2
@@ -664,8 +664,12 @@ def group_advantages(sequence_rewards: torch.Tensor, group_size: int, estimator:
     """Critic-free baselines from the other samples of the same prompt. (B,) -> (B,).
 
     Rows i*group_size .. (i+1)*group_size - 1 answer the same prompt.
-    grpo: (R - mean of group) / std of group (outcome supervision of arXiv:2402.03300);
+    grpo: (R - mean of group) / std of group (outcome supervision of arXiv:2402.03300, sec. 4.1.2);
     rloo: R - mean of the *other* samples of the group (the leave-one-out baseline, arXiv:2402.14740).
+    Both then go through PPO's clipped loss, update_epochs passes of minibatches, averaged over tokens.
+    GRPO does clipped epochs too but averages each response over its own tokens first (1/|o_i|, eq. 3);
+    RLOO is plain REINFORCE, one gradient step per batch: with --update-epochs 1 --num-minibatches 1
+    the ratio is 1, nothing is clipped, and the gradient is REINFORCE's (averaged over tokens).
     """
     grouped = sequence_rewards.view(-1, group_size)
     mean = grouped.mean(dim=1, keepdim=True)
@@ -999,16 +1003,20 @@ def make_rollout(batch: dict, critic, kl_coef: float, args: Args) -> tuple[Rollo
         if args.whiten_rewards:  # scale only: shifting would reward or punish length
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = compute_gae(rewards, values, mask, args.gamma, args.gae_lambda)
+        # Whitened over the valid tokens of the whole rollout (arXiv:2403.17031): padding must not
+        # shift the statistics.
+        if args.norm_adv:
+            advantages = masked_whiten(advantages, mask)
     else:
-        # The same KL-penalized reward, summed per response (as in RLOO, arXiv:2402.14740; GRPO
-        # puts a k3 KL term in the loss instead, we keep it in the reward so only the baseline differs).
+        # The KL-penalized reward summed per response, R = score - beta * sum_t KL_t, as in RLOO
+        # (arXiv:2402.14740, sec. 3). GRPO puts a k3 KL term in the loss instead (eq. 3 of
+        # arXiv:2402.03300); the toy keeps it in the reward for both, so the KL penalty means the same
+        # for the three estimators (with grpo it is divided by the group's std along with the score).
         sequence_rewards = batch["scores"] - kl_coef * kl.sum(dim=1)
-        seq_adv = group_advantages(sequence_rewards, args.samples_per_prompt, args.advantage_estimator)
-        advantages = seq_adv[:, None] * mask  # every token of a response shares its advantage
-    # Whitened over the valid tokens of the whole rollout (arXiv:2403.17031): padding must not
-    # shift the statistics.
-    if args.norm_adv:
-        advantages = masked_whiten(advantages, mask)
+        sequence_advantages = group_advantages(sequence_rewards, args.samples_per_prompt, args.advantage_estimator)
+        # Every token of a response gets its response's advantage, as the papers define it: no
+        # whitening over tokens, whose token-weighted mean would shift the baseline by length.
+        advantages = sequence_advantages[:, None] * mask
     rollout = Rollout(
         batch["query_responses"], batch["attention_mask"], mask, batch["logprobs"], values,
         advantages, returns, batch["prompt_length"],

@@ -252,6 +252,41 @@ def test_group_relative_advantages():
     assert (grpo[4:] == 0).all()
 
 
+def group_batch(scores: list[float], lengths: list[int], max_length: int = 10) -> dict:
+    """A sampled batch as sample_and_score returns it, with the given scores and response lengths
+    and the policy equal to the reference (KL 0)."""
+    batch_size = len(scores)
+    response_mask = (torch.arange(max_length)[None] < torch.tensor(lengths)[:, None]).long()
+    responses = torch.where(response_mask == 1, toy.TOKEN_ID["cat"], toy.PAD)
+    query = torch.full((batch_size, 2), toy.BOS)
+    logprobs = -torch.rand(batch_size, max_length)
+    return {
+        "query_responses": torch.cat([query, responses], dim=1),
+        "attention_mask": torch.cat([torch.ones_like(query), response_mask], dim=1),
+        "prompt_length": 2, "responses": responses, "response_mask": response_mask,
+        "scores": torch.tensor(scores), "logprobs": logprobs, "ref_logprobs": logprobs.clone(),
+        "exact_kl": torch.zeros(batch_size, max_length), "entropy": torch.zeros(batch_size, max_length),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_group_advantage_is_the_same_on_every_token_and_its_sign_ignores_length(estimator):
+    args = toy.Args(num_prompts=2, samples_per_prompt=4, advantage_estimator=estimator)
+    # group 1 is tied: no signal whatever the lengths; in group 2 the better responses are the short
+    # ones in one pair and the long ones in the other
+    scores = [1.0, 1.0, 1.0, 1.0, 2.0, -1.0, 0.5, -0.5]
+    lengths = [1, 10, 3, 10, 1, 10, 10, 1]
+    rollout, _ = toy.make_rollout(group_batch(scores, lengths), None, 0.1, args)
+    expected = toy.group_advantages(torch.tensor(scores), 4, estimator)
+    mask = rollout.response_mask
+    assert (rollout.advantages[:4] == 0).all()  # a tied group: advantage 0 on every token
+    assert (rollout.advantages[mask == 0] == 0).all()
+    for i in range(8):
+        torch.testing.assert_close(rollout.advantages[i, : lengths[i]], expected[i].expand(lengths[i]))
+    signs = torch.sign(rollout.advantages[4:, 0]).tolist()
+    assert signs == [1.0, -1.0, 1.0, -1.0]  # the sign follows R_i - mean(R), not the length
+
+
 # THE PPO UPDATE
 
 
