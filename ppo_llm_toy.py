@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import importlib
 import io
 import json
@@ -163,7 +164,7 @@ class Args:
     norm_adv: bool = True
     """whiten the GAE advantages over the valid response tokens of the rollout (gae only: grpo/rloo keep theirs)"""
     whiten_rewards: bool = False
-    """whiten the per-token rewards (scale only, over valid tokens) before GAE"""
+    """rescale the per-token rewards to std 1 over valid tokens, keeping their mean, before GAE (lm-human-preferences)"""
     clip_coef: float = 0.2
     """the surrogate clipping coefficient epsilon (also clips the value loss)"""
     clip_vloss: bool = True
@@ -235,6 +236,20 @@ def validate_args(args: Args) -> None:
         raise ConfigError("--sft-steps and --num-sample-texts must not be negative")
     if args.n_embd % args.n_head != 0:
         raise ConfigError(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
+    if args.vf_coef < 0:
+        raise ConfigError(f"--vf-coef must not be negative, got {args.vf_coef}")
+    if args.target_kl is not None and not args.target_kl > 0:
+        raise ConfigError(f"--target-kl must be positive (or None), got {args.target_kl}")
+    if args.max_prompt_words >= MIN_SENTENCE_WORDS:
+        raise ConfigError(
+            f"--max-prompt-words {args.max_prompt_words} lets a prompt be a whole sentence (the shortest has "
+            f"{MIN_SENTENCE_WORDS} words): use at most {MIN_SENTENCE_WORDS - 1}"
+        )
+    if args.response_length < MIN_SENTENCE_WORDS:
+        raise ConfigError(
+            f"--response-length {args.response_length} is too short to finish a sentence: after a 1-word prompt "
+            f"the shortest needs {MIN_SENTENCE_WORDS - 1} words and EOS ({MIN_SENTENCE_WORDS} tokens)"
+        )
     longest = 1 + args.max_prompt_words + args.response_length
     if longest > args.block_size:
         raise ConfigError(
@@ -246,7 +261,7 @@ def validate_args(args: Args) -> None:
         raise ConfigError(
             f"the longest grammar sentence needs {MAX_SENTENCE_TOKENS} tokens, more than --block-size {args.block_size}"
         )
-    for name in ("learning_rate", "sft_learning_rate", "rm_learning_rate", "temperature"):
+    for name in ("learning_rate", "sft_learning_rate", "rm_learning_rate", "temperature", "clip_coef", "max_grad_norm"):
         if not getattr(args, name) > 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not 0 <= args.gamma <= 1 or not 0 <= args.gae_lambda <= 1:
@@ -307,6 +322,7 @@ PAD, BOS, EOS = 0, 1, 2  # PAD is distinct from EOS: padding never reads as "the
 VOCAB = ("<pad>", "<bos>", "<eos>", "the", ".", *ADJECTIVES, *NOUNS, *VERBS)
 TOKEN_ID = {word: i for i, word in enumerate(VOCAB)}
 MAX_SENTENCE_TOKENS = 2 + 2 * (2 + MAX_ADJECTIVES) + 2  # BOS, 2 noun phrases, verb, ".", EOS
+MIN_SENTENCE_WORDS = 2 + 1 + 2 + 1  # "the NOUN VERB the NOUN ."
 
 _NOUN_PHRASE = rf"the(?: (?:{'|'.join(ADJECTIVES)})){{0,{MAX_ADJECTIVES}}} (?:{'|'.join(NOUNS)})"
 VALID_SENTENCE = re.compile(rf"{_NOUN_PHRASE} (?:{'|'.join(VERBS)}) {_NOUN_PHRASE} \.")
@@ -614,7 +630,10 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the entries where mask is 1; padding entries neither count nor change."""
+    """(x - mean) / std over the entries where mask is 1; padding entries neither count nor change.
+
+    shift_mean=False adds the mean back: std 1, the mean kept (as in lm-human-preferences' whiten).
+    """
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
@@ -769,6 +788,18 @@ def sentence_batch(sentences: list[list[str]], device) -> tuple[torch.Tensor, to
     return tokens.to(device), mask.to(device)
 
 
+def sft_loss(model: LanguageModel, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of next-token prediction over real transitions only. tokens, mask: (B, L).
+
+    Position t predicts token t + 1 where both are real: left padding gives neither PAD targets nor
+    PAD -> BOS targets (the first real token, BOS, is never predicted: every text starts with it).
+    """
+    logits, _ = model(tokens, mask)
+    target_mask = (mask[:, 1:] * mask[:, :-1]).float()
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
+    return masked_mean(losses, target_mask)
+
+
 def train_sft(args: Args, device, writer: SummaryWriter) -> LanguageModel:
     """Next-token prediction on a corpus sampled from the grammar (AdamW, cosine learning rate)."""
     rng = random.Random(args.seed)
@@ -781,11 +812,7 @@ def train_sft(args: Args, device, writer: SummaryWriter) -> LanguageModel:
     start = time.time()
     for step in range(args.sft_steps):
         tokens, mask = sentence_batch(rng.sample(corpus, args.sft_batch_size), device)
-        logits, _ = model(tokens, mask)
-        # Predict token t+1 from position t, only where token t+1 is real (never a PAD target).
-        target_mask = mask[:, 1:].float()
-        losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
-        loss = masked_mean(losses, target_mask)
+        loss = sft_loss(model, tokens, mask)
         optimizer.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -850,6 +877,28 @@ def train_reward_model(args: Args, sft: LanguageModel, device, writer) -> Scalar
         f"{accuracy:.1%} (pairs with different gold scores)"
     )
     return model
+
+
+def normalization_key(sft: LanguageModel, args: Args) -> dict:
+    """What the reward model's normalization depends on: the SFT model (a hash of its weights) and
+    the settings it samples with. Saved with the reward model, compared when it is reused."""
+    digest = hashlib.sha256()
+    for name, tensor in sft.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return {"sft_sha256": digest.hexdigest()[:16], "temperature": args.temperature,
+            "response_length": args.response_length, "max_prompt_words": args.max_prompt_words}  # fmt: skip
+
+
+@torch.no_grad()
+def fit_reward_normalization(reward_model: ScalarModel, sft: LanguageModel, args: Args, device) -> None:
+    """Normalize on SFT samples so the SFT policy scores mean 0, std 1 (Ziegler et al.)."""
+    reward_model.score_mean.zero_()
+    reward_model.score_std.fill_(1.0)
+    prompts = make_prompts(1024, args.max_prompt_words, random.Random(args.seed + 3))
+    raw = sample_and_score(sft, sft, reward_model, prompts, args, device)["raw_scores"]
+    reward_model.score_mean.copy_(raw.mean())
+    reward_model.score_std.copy_(raw.std())
 
 
 @torch.no_grad()
@@ -1000,7 +1049,10 @@ def make_rollout(batch: dict, critic, kl_coef: float, args: Args) -> tuple[Rollo
             values = critic(batch["query_responses"], batch["attention_mask"])
             values = values[:, batch["prompt_length"] - 1 : -1] * mask
         rewards = per_token_rewards(batch["scores"], kl, mask, kl_coef)
-        if args.whiten_rewards:  # scale only: shifting would reward or punish length
+        if args.whiten_rewards:
+            # whiten(rewards, shift_mean=False) of lm-human-preferences: (r - mean) / std + mean. Not a
+            # pure rescaling: every token gains mean * (1 - 1 / std), a constant per token that favours
+            # long responses when positive and short ones when negative.
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = compute_gae(rewards, values, mask, args.gamma, args.gae_lambda)
         # Whitened over the valid tokens of the whole rollout (arXiv:2403.17031): padding must not
@@ -1034,17 +1086,20 @@ def make_rollout(batch: dict, critic, kl_coef: float, args: Args) -> tuple[Rollo
 # CHECKPOINTS
 
 
-def save_model(path: Path, model: nn.Module, stage: str) -> None:
-    """One stage's weights with the model shape, written to a temporary file and renamed."""
+def save_model(path: Path, model: nn.Module, stage: str, metadata: dict | None = None) -> None:
+    """One stage's weights with the model shape (and metadata), written to a temporary file and renamed."""
     payload = {"script": SCRIPT_NAME, "stage": stage, "config": asdict(model.config),
-               "model": model.state_dict()}  # fmt: skip
+               "model": model.state_dict(), "metadata": metadata or {}}  # fmt: skip
     tmp_path = path.with_suffix(".tmp")
     torch.save(payload, tmp_path)
     tmp_path.replace(path)
 
 
-def load_model(path: str, stage: str, model: nn.Module) -> nn.Module:
-    """Load a stage checkpoint of this script into model, or raise a one-line ConfigError."""
+def load_model(path: str, stage: str, model: nn.Module) -> tuple[nn.Module, dict]:
+    """Load a stage checkpoint of this script into model, or raise a one-line ConfigError.
+
+    Returns the model and the metadata saved with it.
+    """
     if not Path(path).is_file():
         raise ConfigError(f"checkpoint {path} does not exist")
     try:
@@ -1058,7 +1113,7 @@ def load_model(path: str, stage: str, model: nn.Module) -> nn.Module:
     if payload["config"] != asdict(model.config):
         raise ConfigError(f"{path} has model shape {payload['config']}, but the flags ask for {asdict(model.config)}")
     model.load_state_dict(payload["model"])
-    return model
+    return model, payload.get("metadata", {})
 
 
 # TRAINING
@@ -1123,25 +1178,25 @@ def build_models(args: Args, device, writer, run_dir: Path):
     """Stages 1 and 2: the SFT model and the (normalized) reward model, trained or loaded."""
     config = ModelConfig.from_args(args)
     if args.sft_checkpoint:
-        sft = load_model(args.sft_checkpoint, "sft", LanguageModel(config)).to(device)
+        sft, _ = load_model(args.sft_checkpoint, "sft", LanguageModel(config))
+        sft = sft.to(device)
         print(f"SFT model loaded from {args.sft_checkpoint}")
     else:
         sft = train_sft(args, device, writer)
     save_model(run_dir / "sft.pt", sft, "sft")
     head_std = 1.0 / math.sqrt(args.n_embd + 1)
+    normalization = normalization_key(sft, args)
     if args.reward_model_checkpoint:
-        reward_model = ScalarModel(config, head_std)
-        reward_model = load_model(args.reward_model_checkpoint, "reward_model", reward_model)
+        reward_model, metadata = load_model(args.reward_model_checkpoint, "reward_model", ScalarModel(config, head_std))
         reward_model = reward_model.to(device)
         print(f"reward model loaded from {args.reward_model_checkpoint}")
+        if metadata.get("normalized_on") != normalization:
+            print("its score normalization was fitted on another SFT model or sampling setting: refitting it")
+            fit_reward_normalization(reward_model, sft, args, device)
     else:
         reward_model = train_reward_model(args, sft, device, writer)
-        # Normalize on SFT samples so the SFT policy scores mean 0, std 1 (Ziegler et al.).
-        prompts = make_prompts(1024, args.max_prompt_words, random.Random(args.seed + 3))
-        raw = sample_and_score(sft, sft, reward_model, prompts, args, device)["raw_scores"]
-        reward_model.score_mean.copy_(raw.mean())
-        reward_model.score_std.copy_(raw.std())
-    save_model(run_dir / "reward_model.pt", reward_model, "reward_model")
+        fit_reward_normalization(reward_model, sft, args, device)
+    save_model(run_dir / "reward_model.pt", reward_model, "reward_model", {"normalized_on": normalization})
     for model in (sft, reward_model):
         model.eval().requires_grad_(False)
     return sft, reward_model

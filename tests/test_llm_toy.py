@@ -134,6 +134,20 @@ def test_kv_cache_sampling_matches_full_forward_with_the_same_temperature():
     torch.testing.assert_close(logits, sampling_logits, atol=1e-5, rtol=0)
 
 
+def test_sft_loss_counts_real_next_tokens_only():
+    model = toy.LanguageModel(TINY).eval()
+    sentences = [words("the cat sees the dog ."), words("the good happy cat loves the old red king .")]
+    tokens, mask = toy.sentence_batch(sentences, "cpu")
+    assert (mask == 0).any()  # the short sentence is left-padded
+    losses = []
+    for sentence in sentences:  # each sentence alone: predict every token after BOS, EOS included
+        alone = torch.tensor([[toy.BOS, *toy.encode(sentence), toy.EOS]])
+        logits, _ = model(alone, torch.ones_like(alone))
+        losses.append(torch.nn.functional.cross_entropy(logits[0, :-1], alone[0, 1:], reduction="none"))
+    with torch.no_grad():
+        torch.testing.assert_close(toy.sft_loss(model, tokens, mask), torch.cat(losses).mean())
+
+
 # KL
 
 
@@ -235,9 +249,10 @@ def test_masked_whitening_ignores_padding():
     assert abs(valid.mean().item()) < 1e-6
     assert abs(valid.var(unbiased=False).item() - 1.0) < 1e-4
     assert (whitened[mask == 0] == 0).all()
-    # shift_mean=False keeps the mean, only rescales
+    # shift_mean=False (--whiten-rewards) keeps the mean and brings the std to 1: (x - mean) / std + mean
     kept = toy.masked_whiten(x, mask, shift_mean=False)[mask == 1]
     assert abs(kept.mean().item() - x[mask == 1].mean().item()) < 1e-5
+    assert abs(kept.var(unbiased=False).item() - 1.0) < 1e-4
 
 
 def test_group_relative_advantages():
@@ -444,7 +459,7 @@ def test_adaptive_kl_with_k3_and_reward_whitening_runs(quick_run, tmp_path):
     assert all(row["kl"] >= 0 for row in summary["history"])  # k3 is never negative
 
 
-def test_rerun_from_saved_stages_reproduces_the_ppo_numbers(quick_run, tmp_path):
+def test_rerun_from_saved_stages_reproduces_the_ppo_numbers(quick_run, tmp_path, capsys):
     summary, _ = quick_run
     run_dir = Path(summary["run_dir"])
     args = quick_args(
@@ -452,6 +467,7 @@ def test_rerun_from_saved_stages_reproduces_the_ppo_numbers(quick_run, tmp_path)
         reward_model_checkpoint=str(run_dir / "reward_model.pt"),
     )  # fmt: skip
     rerun = toy.train(args)
+    assert "refitting" not in capsys.readouterr().out  # the same SFT model and settings: normalization kept
     assert rerun["history"] == summary["history"]
     assert rerun["sft"] == summary["sft"] and rerun["final"] == summary["final"]
 
@@ -467,12 +483,32 @@ def test_rerun_from_saved_stages_reproduces_the_ppo_numbers(quick_run, tmp_path)
         ({"advantage_estimator": "ppo"}, "unknown --advantage-estimator"),
         ({"advantage_estimator": "grpo", "samples_per_prompt": 1}, "samples-per-prompt"),
         ({"n_head": 3}, "not divisible"),
+        ({"clip_coef": -1.0}, "--clip-coef must be positive"),
+        ({"max_grad_norm": 0.0}, "--max-grad-norm must be positive"),
+        ({"vf_coef": -3.0}, "--vf-coef must not be negative"),
+        ({"target_kl": -1.0}, "--target-kl must be positive"),
+        ({"response_length": 3}, "too short to finish a sentence"),
+        ({"max_prompt_words": 9}, "a prompt be a whole sentence"),
     ],
 )
 def test_bad_config_raises_config_error(tmp_path, overrides, message):
     with pytest.raises(toy.ConfigError, match=message):
         toy.train(quick_args(tmp_path, **overrides))
     assert not list(tmp_path.iterdir())  # rejected before anything was written
+
+
+def test_reused_reward_model_is_renormalized_for_another_sampling_temperature(quick_run, tmp_path, capsys):
+    run_dir = Path(quick_run[0]["run_dir"])
+    stages = {"sft_checkpoint": str(run_dir / "sft.pt"), "reward_model_checkpoint": str(run_dir / "reward_model.pt")}
+    saved = torch.load(run_dir / "reward_model.pt", weights_only=True)
+    assert saved["metadata"]["normalized_on"]["temperature"] == 1.0
+    summary = toy.train(quick_args(tmp_path, total_episodes=64, eval_prompts=16, temperature=0.5, **stages))
+    assert "refitting" in capsys.readouterr().out
+    refit = torch.load(Path(summary["run_dir"]) / "reward_model.pt", weights_only=True)
+    assert refit["metadata"]["normalized_on"]["temperature"] == 0.5
+    assert refit["metadata"]["normalized_on"]["sft_sha256"] == saved["metadata"]["normalized_on"]["sft_sha256"]
+    assert refit["model"]["score_mean"] != saved["model"]["score_mean"]
+    torch.testing.assert_close(refit["model"]["head.weight"], saved["model"]["head.weight"])  # same weights
 
 
 def test_checkpoint_of_the_wrong_stage_is_rejected(quick_run, tmp_path):
