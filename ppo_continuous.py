@@ -2,7 +2,7 @@
 # requires-python = ">=3.10"
 # dependencies = [
 #     "torch>=2.4",
-#     "gymnasium>=1.0,<2",
+#     "gymnasium[mujoco]>=1.0,<2",
 #     "mujoco>=3.0",
 #     "numpy>=1.26",
 #     "tyro>=0.8",
@@ -12,48 +12,45 @@
 """PPO for continuous actions (Gaussian policy), in one file.
 
 Proximal Policy Optimization (Schulman et al. 2017, arXiv:1707.06347) with Generalized Advantage
-Estimation (Schulman et al. 2015, arXiv:1506.02438), for any gymnasium environment whose action
-space is a `Box`: MuJoCo (v4, v5), Pendulum, ... The defaults are the widely used MuJoCo settings
-(1 env, 2048 steps per rollout, 10 epochs of 32 minibatches), and every implementation detail of
-"The 37 Implementation Details of PPO" (Huang et al., ICLR blog track 2022) that concerns
-continuous control is here and named.
+Estimation (Schulman et al. 2015, arXiv:1506.02438) for any gymnasium env with a `Box` action space
+(MuJoCo v4/v5, Pendulum, ...). Defaults: the usual MuJoCo settings (1 env, 2048-step rollouts, 10 epochs
+of 32 minibatches); each continuous-control detail of "The 37 Implementation Details of PPO" (Huang et
+al., ICLR blog track 2022) is named in a comment. Read Args, ENVIRONMENT, NETWORK, ALGORITHM and
+train(): that is all of PPO. Below the PLUMBING banner: run folder, logs, checkpoints, evaluation, checks.
 
-Run:
-    python ppo_continuous.py --env-id Hopper-v4 --total-timesteps 1000000
-    python ppo_continuous.py --help
+    python ppo_continuous.py --env-id Hopper-v4 --total-timesteps 1000000    # train; --help for all flags
+    python ppo_continuous.py --eval-checkpoint runs/<run>/checkpoint.pt      # evaluate a saved model
+    python ppo_continuous.py --resume runs/<run>/checkpoint.pt               # continue a stopped run
     tensorboard --logdir runs
-Evaluate a saved model (frozen normalization statistics, mean action):
-    python ppo_continuous.py --eval-checkpoint runs/<run>/checkpoint.pt --eval-episodes 10
-Resume an interrupted run:
-    python ppo_continuous.py --env-id Hopper-v4 --resume runs/<run>/checkpoint.pt
 
-What differs from the sibling scripts:
-- ppo_atari.py: discrete actions (categorical policy), pixels through a shared CNN, many envs and
-  short rollouts; this file: a Gaussian policy with state-independent log-std, separate 64-64 tanh
-  actor and critic, observation normalization and reward scaling whose statistics are saved
-  with the model.
-- ppo_llm_toy.py: the same clipped loss applied to tokens of a language model.
+Siblings: ppo_atari.py (discrete actions, pixels through a shared CNN, many envs, short rollouts) and
+ppo_llm_toy.py (the same clipped loss on the tokens of a language model). Here: a Gaussian policy with a
+state-independent log-std, separate 64-64 tanh actor and critic, and observation normalization and
+reward scaling whose statistics are saved with the model.
 
-gymnasium 1.x, done on purpose: the vector env uses the SAME_STEP autoreset mode, so the step that
-ends an episode returns the first observation of the next episode, and the true final observation
-arrives in `info["final_obs"]`. No step is ever spent on a reset (no phantom transition with an
-ignored action and a zero reward), and on time-limit truncation the value is bootstrapped from
-V(final_obs), never from the reset observation; on termination the bootstrap value is 0.
+gymnasium 1.x, on purpose: the vector env autoresets in SAME_STEP mode, so the step that ends an episode
+already returns the next episode's first observation and the true final one arrives in
+`info["final_obs"]`. No step is spent on a reset (no phantom transition with an ignored action and a
+zero reward); on time-limit truncation the bootstrap value is V(final_obs), on termination 0.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import json
 import math
+import netrc
 import os
 import random
 import signal
 import sys
+import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from urllib.parse import urlparse
 
 import gymnasium as gym
 import numpy as np
@@ -68,37 +65,6 @@ LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 @dataclass
 class Args:
-    exp_name: str = SCRIPT_NAME
-    """the name of this experiment: the first part of the run name `runs/<exp_name>__<env>__<seed>__<time>`"""
-    seed: int = 1
-    """seed of the experiment (torch, numpy, python and the environments)"""
-    torch_deterministic: bool = True
-    """make torch use deterministic algorithms: the same seed then gives the same run twice on CPU"""
-    cuda: bool = True
-    """use CUDA for the networks when a GPU is available (otherwise the CPU is used)"""
-    torch_threads: int = 1
-    """CPU threads for torch: 64-64 MLPs gain nothing from more, and extra threads stall on busy cores"""
-    track: bool = False
-    """log the run to Weights & Biases (needs `pip install wandb`; works with WANDB_MODE=offline)"""
-    wandb_project_name: str = "ppo-reference"
-    """the Weights & Biases project"""
-    wandb_entity: str | None = None
-    """the Weights & Biases entity (team or user); None uses your default"""
-    capture_video: bool = False
-    """record MP4 videos of the evaluation episodes into `<run>/videos` (needs moviepy)"""
-    runs_dir: str = "runs"
-    """the folder that holds one sub-folder per run (TensorBoard events, checkpoints, summary.json)"""
-    save_interval: int = 0
-    """also save the checkpoint every N iterations (0: only at the end and on interruption)"""
-    resume: str | None = None
-    """path of a checkpoint of this script and env to continue training from"""
-    eval_checkpoint: str | None = None
-    """do not train: evaluate this checkpoint (its env, frozen normalization statistics) and exit"""
-    eval_episodes: int = 10
-    """the number of evaluation episodes (after training, and with --eval-checkpoint)"""
-    eval_stochastic: bool = False
-    """evaluate with sampled actions instead of the mean action"""
-
     # Algorithm
     env_id: str = "HalfCheetah-v4"
     """the id of a gymnasium environment with a Box action space"""
@@ -135,6 +101,39 @@ class Args:
     target_kl: float | None = None
     """stop the update epochs early once the approximate KL exceeds this (None: never)"""
 
+    # The run: seeding, device, logging, checkpoints, evaluation
+    seed: int = 1
+    """seed of the experiment (torch, numpy, python and the environments)"""
+    torch_deterministic: bool = True
+    """make torch use deterministic algorithms: the same seed then gives the same run twice on CPU"""
+    cuda: bool = True
+    """use CUDA for the networks when a GPU is available (otherwise the CPU is used)"""
+    torch_threads: int = 1
+    """CPU threads for torch: 64-64 MLPs gain nothing from more, and extra threads stall on busy cores"""
+    exp_name: str = SCRIPT_NAME
+    """the name of this experiment: the first part of the run name `runs/<exp_name>__<env>__<seed>__<time>`"""
+    runs_dir: str = "runs"
+    """the folder that holds one sub-folder per run (TensorBoard events, checkpoints, summary.json)"""
+    track: bool = False
+    """log the run to Weights & Biases (needs wandb, and `wandb login` or WANDB_MODE=offline)"""
+    wandb_project_name: str = "ppo-reference"
+    """the Weights & Biases project"""
+    wandb_entity: str | None = None
+    """the Weights & Biases entity (team or user); None uses your default"""
+    save_interval: int = 0
+    """also save the checkpoint every N iterations (0: only at the end and on interruption)"""
+    resume: str | None = None
+    """continue the run of this checkpoint with its saved settings (only the flags of logging, saving,
+    evaluation and device may differ); the environments start new episodes"""
+    eval_checkpoint: str | None = None
+    """do not train: evaluate this checkpoint (its env, frozen normalization statistics) and exit"""
+    eval_episodes: int = 10
+    """the number of evaluation episodes (after training, and with --eval-checkpoint)"""
+    eval_stochastic: bool = False
+    """evaluate with sampled actions instead of the mean action"""
+    capture_video: bool = False
+    """record MP4 videos of the evaluation episodes into `<run>/videos` (needs moviepy)"""
+
     @property
     def batch_size(self) -> int:
         return self.num_envs * self.num_steps
@@ -148,90 +147,19 @@ class Args:
         return self.total_timesteps // self.batch_size
 
 
-class ConfigError(ValueError):
-    """Bad input (flags, env, checkpoint): main() prints it as one line and exits with code 2."""
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite: the run stops and keeps its last good checkpoint."""
-
-
-def require_module(module: str, purpose: str) -> None:
-    """Fail early with the install command when an optional package is missing."""
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        raise ConfigError(f"{purpose} needs the '{module}' package: pip install {module}") from None
-
-
-def validate_args(args: Args) -> None:
-    """Reject inconsistent settings before anything is built."""
-    positive = (
-        "total_timesteps",
-        "num_envs",
-        "num_steps",
-        "num_minibatches",
-        "update_epochs",
-        "torch_threads",
-    )
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.learning_rate <= 0:
-        raise ConfigError(f"--learning-rate must be positive, got {args.learning_rate}")
-    if not 0 <= args.gamma <= 1 or not 0 <= args.gae_lambda <= 1:
-        raise ConfigError("--gamma and --gae-lambda must lie in [0, 1]")
-    if args.batch_size % args.num_minibatches != 0:
-        raise ConfigError(
-            f"the rollout (num_envs * num_steps = {args.batch_size}) does not divide into "
-            f"{args.num_minibatches} minibatches"
-        )
-    if args.norm_adv and args.minibatch_size < 2:
-        raise ConfigError("advantage normalization needs minibatches of at least 2 samples")
-    if args.total_timesteps < args.batch_size:
-        raise ConfigError(
-            f"--total-timesteps {args.total_timesteps} is smaller than one rollout "
-            f"(num_envs * num_steps = {args.batch_size})"
-        )
-    if args.eval_episodes < 1:
-        raise ConfigError(f"--eval-episodes must be at least 1, got {args.eval_episodes}")
-    if args.track:
-        require_module("wandb", "--track")
-    if args.capture_video:
-        require_module("moviepy", "--capture-video")
-
-
 # ENVIRONMENT
 
 
-def check_env_id(env_id: str) -> None:
-    """Reject an unknown id, or a MuJoCo id without mujoco installed, before building any env."""
-    try:
-        spec = gym.spec(env_id)
-    except gym.error.Error as e:
-        raise ConfigError(f"unknown environment id {env_id!r}: {e}") from None
-    if "mujoco" in str(spec.entry_point):
-        require_module("mujoco", f"the MuJoCo environment {env_id}")
-
-
 def make_vector_env(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
-    """num_envs copies of env_id, stepped in this process.
+    """num_envs copies of env_id, stepped in this process (vectorized envs: detail 1 of Huang et al.).
 
     SAME_STEP autoreset: when an episode ends, step() already returns the reset observation and puts
     the true last observation into info["final_obs"], so every step of the rollout is a real
     transition. RecordEpisodeStatistics reports the raw (unscaled) return of each finished episode.
     """
-    check_env_id(env_id)
     envs = gym.vector.SyncVectorEnv(
-        [lambda: gym.make(env_id) for _ in range(num_envs)],
-        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+        [lambda: gym.make(env_id) for _ in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
     )
-    if not isinstance(envs.single_action_space, gym.spaces.Box):
-        space = envs.single_action_space
-        envs.close()
-        raise ConfigError(
-            f"{env_id} has a {type(space).__name__} action space; this script needs a continuous (Box) one"
-        )
     return gym.wrappers.vector.RecordEpisodeStatistics(envs)
 
 
@@ -322,19 +250,15 @@ class Agent(nn.Module):
     def __init__(self, obs_dim: int, action_dim: int):
         super().__init__()
         self.critic = nn.Sequential(
-            layer_init(nn.Linear(obs_dim, 64)),
-            nn.Tanh(),
-            layer_init(nn.Linear(64, 64)),
-            nn.Tanh(),
+            layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
+            layer_init(nn.Linear(64, 64)), nn.Tanh(),
             layer_init(nn.Linear(64, 1), std=1.0),
-        )
+        )  # fmt: skip
         self.actor_mean = nn.Sequential(
-            layer_init(nn.Linear(obs_dim, 64)),
-            nn.Tanh(),
-            layer_init(nn.Linear(64, 64)),
-            nn.Tanh(),
+            layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
+            layer_init(nn.Linear(64, 64)), nn.Tanh(),
             layer_init(nn.Linear(64, action_dim), std=0.01),
-        )
+        )  # fmt: skip
         self.actor_logstd = nn.Parameter(torch.zeros(1, action_dim))
 
     def get_value(self, obs: torch.Tensor) -> torch.Tensor:
@@ -376,15 +300,57 @@ class Rollout:
     episode_ends: torch.Tensor  # (T, N) 1.0 where the episode ended at t (terminated or truncated)
 
 
-def compute_gae(
-    rewards: torch.Tensor,
-    values: torch.Tensor,
-    next_values: torch.Tensor,
-    terminations: torch.Tensor,
-    episode_ends: torch.Tensor,
-    gamma: float,
-    gae_lambda: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def collect_rollout(envs, agent: Agent, obs_normalizer, reward_scaler, next_obs: np.ndarray, num_steps: int):
+    """Run the policy for num_steps steps in every env; returns (rollout, the next rollout's first obs).
+
+    next_obs: (N, obs_dim) normalized observation to start from. What the env produces (observations,
+    rewards, done flags) stays in numpy until the rollout ends and crosses to the device once; what
+    the policy produces stays on the device. The only per-step transfers are the unavoidable ones:
+    observation in, action out.
+    """
+    device = next(agent.parameters()).device
+    num_envs, action_space = envs.num_envs, envs.single_action_space
+    obs = np.zeros((num_steps, num_envs, *envs.single_observation_space.shape), np.float32)
+    rewards, terminations, episode_ends = (np.zeros((num_steps, num_envs), np.float32) for _ in range(3))
+    actions = torch.zeros((num_steps, num_envs, *action_space.shape), device=device)
+    logprobs, values, next_values = (torch.zeros((num_steps, num_envs), device=device) for _ in range(3))
+    for step in range(num_steps):
+        obs[step] = next_obs
+        with torch.inference_mode():
+            action, logprob, _, value = agent.get_action_and_value(torch.as_tensor(next_obs, device=device))
+        actions[step], logprobs[step], values[step] = action, logprob, value
+        # The buffer keeps the raw Gaussian sample (its log-prob is the one we train on); the env gets it
+        # clipped to the action bounds (detail "continuous actions via normal distributions", clipping).
+        env_action = np.clip(action.cpu().numpy(), action_space.low, action_space.high)
+        raw_obs, reward, terminated, truncated, info = envs.step(env_action)
+        ended = terminated | truncated
+        rewards[step] = reward_scaler(reward, ended)
+        terminations[step], episode_ends[step] = terminated, ended
+        next_obs = obs_normalizer(raw_obs)
+        if ended.any():
+            # SAME_STEP autoreset: raw_obs already belongs to the next episode; the observation the ended
+            # episode really reached is info["final_obs"]. Its value is the bootstrap on truncation
+            # (compute_gae multiplies it by 0 on termination).
+            final_obs = obs_normalizer(np.stack(info["final_obs"][ended]), update=False)
+            with torch.inference_mode():
+                final_values = agent.get_value(torch.as_tensor(final_obs, device=device))
+            next_values[step, torch.as_tensor(ended, device=device)] = final_values
+
+    to_device = lambda array: torch.as_tensor(array, device=device)  # noqa: E731
+    episode_ends_t = to_device(episode_ends)
+    # next_values[t] = V(s_{t+1}) = values[t + 1] inside an episode; V(s_T) after the last step.
+    with torch.inference_mode():
+        last_value = agent.get_value(to_device(next_obs))
+    shifted = torch.cat([values[1:], last_value.unsqueeze(0)])
+    next_values = torch.where(episode_ends_t == 0, shifted, next_values)
+    rollout = Rollout(
+        to_device(obs), actions, logprobs, values, to_device(rewards), next_values, to_device(terminations),
+        episode_ends_t,
+    )  # fmt: skip
+    return rollout, next_obs
+
+
+def compute_gae(rewards, values, next_values, terminations, episode_ends, gamma: float, gae_lambda: float):
     """Generalized Advantage Estimation, eq. 16 of arXiv:1506.02438. All tensors (T, N).
 
     delta_t = r_t + gamma * (1 - terminated_t) * V(s_{t+1}) - V(s_t)
@@ -411,16 +377,7 @@ def compute_gae(
     return advantages, advantages + values
 
 
-def ppo_loss(
-    new_logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    entropy: torch.Tensor,
-    new_values: torch.Tensor,
-    old_values: torch.Tensor,
-    advantages: torch.Tensor,
-    returns: torch.Tensor,
-    args: Args,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def ppo_loss(new_logprobs, old_logprobs, entropy, new_values, old_values, advantages, returns, args: Args):
     """The PPO objective on one minibatch (all inputs (B,)); returns (loss to minimize, statistics).
 
     loss = L^CLIP + vf_coef * L^VF - ent_coef * entropy, eq. 9 of arXiv:1707.06347 (negated).
@@ -456,114 +413,14 @@ def ppo_loss(
     entropy_mean = entropy.mean()
     loss = policy_loss - args.ent_coef * entropy_mean + args.vf_coef * value_loss
     stats = {
-        "policy_loss": policy_loss.detach(),
-        "value_loss": value_loss.detach(),
-        "entropy": entropy_mean.detach(),
-        "old_approx_kl": old_approx_kl,
-        "approx_kl": approx_kl,
-        "clipfrac": clipfrac,
-        "loss": loss.detach(),
-    }
+        "policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(), "entropy": entropy_mean.detach(),
+        "old_approx_kl": old_approx_kl, "approx_kl": approx_kl, "clipfrac": clipfrac, "loss": loss.detach(),
+    }  # fmt: skip
     return loss, stats
 
 
-def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:
-    """1 - Var(targets - predictions) / Var(targets): 1 is a perfect critic, <= 0 no better than a constant."""
-    var_targets = targets.var()
-    if var_targets == 0:
-        return float("nan")
-    return (1.0 - (targets - predictions).var() / var_targets).item()
-
-
-# ROLLOUT, UPDATE, CHECKPOINTS
-
-
-class Timers:
-    """Wall-clock seconds spent in the environment, in policy inference and in the update."""
-
-    def __init__(self):
-        self.env = self.inference = self.update = 0.0
-
-
-def collect_rollout(
-    envs: gym.vector.VectorEnv,
-    agent: Agent,
-    obs_normalizer: ObservationNormalizer,
-    reward_scaler: RewardScaler,
-    next_obs: np.ndarray,
-    num_steps: int,
-    timers: Timers,
-    episode_stats: list,
-) -> tuple[Rollout, np.ndarray]:
-    """Run the policy for num_steps steps in every env.
-
-    next_obs: (N, obs_dim) normalized observation to start from. Returns the rollout (on the agent's
-    device) and the normalized observation the next rollout starts from. Appends (return, length)
-    of every finished episode to episode_stats.
-
-    What the env produces (observations, rewards, done flags) stays in numpy until the rollout ends
-    and crosses to the device once; what the policy produces stays on the device. The only per-step
-    transfers are the unavoidable ones: observation in, action out.
-    """
-    device = next(agent.parameters()).device
-    num_envs = envs.num_envs
-    action_space = envs.single_action_space
-    obs = np.zeros((num_steps, num_envs, *envs.single_observation_space.shape), np.float32)
-    rewards, terminations, episode_ends = (np.zeros((num_steps, num_envs), np.float32) for _ in range(3))
-    actions = torch.zeros((num_steps, num_envs, *action_space.shape), device=device)
-    logprobs, values, next_values = (torch.zeros((num_steps, num_envs), device=device) for _ in range(3))
-    for step in range(num_steps):
-        t0 = time.perf_counter()
-        obs[step] = next_obs
-        with torch.inference_mode():
-            action, logprob, _, value = agent.get_action_and_value(torch.as_tensor(next_obs, device=device))
-        actions[step], logprobs[step], values[step] = action, logprob, value
-        # The buffer keeps the raw Gaussian sample (its log-prob is the one we train on); the env
-        # gets it clipped to the action bounds.
-        env_action = np.clip(action.cpu().numpy(), action_space.low, action_space.high)
-        t1 = time.perf_counter()
-        raw_obs, reward, terminated, truncated, info = envs.step(env_action)
-        t2 = time.perf_counter()
-        ended = terminated | truncated
-        rewards[step] = reward_scaler(reward, ended)
-        terminations[step], episode_ends[step] = terminated, ended
-        next_obs = obs_normalizer(raw_obs)
-        if ended.any():
-            # SAME_STEP autoreset: raw_obs already belongs to the next episode; the observation
-            # the ended episode really reached is info["final_obs"]. Its value is the bootstrap
-            # on truncation (compute_gae multiplies it by 0 on termination).
-            final_obs = obs_normalizer(np.stack(info["final_obs"][ended]), update=False)
-            with torch.inference_mode():
-                final_values = agent.get_value(torch.as_tensor(final_obs, device=device))
-            next_values[step, torch.as_tensor(ended, device=device)] = final_values
-            for i in np.flatnonzero(info["_episode"]):
-                episode_stats.append((float(info["episode"]["r"][i]), int(info["episode"]["l"][i])))
-        timers.inference += t1 - t0 + time.perf_counter() - t2
-        timers.env += t2 - t1
-
-    to_device = lambda array: torch.as_tensor(array, device=device)  # noqa: E731
-    episode_ends_t = to_device(episode_ends)
-    # next_values[t] = V(s_{t+1}) = values[t + 1] inside an episode; V(s_T) after the last step.
-    with torch.inference_mode():
-        last_value = agent.get_value(to_device(next_obs))
-    shifted = torch.cat([values[1:], last_value.unsqueeze(0)])
-    next_values = torch.where(episode_ends_t == 0, shifted, next_values)
-    rollout = Rollout(
-        to_device(obs), actions, logprobs, values, to_device(rewards), next_values,
-        to_device(terminations), episode_ends_t,
-    )  # fmt: skip
-    return rollout, next_obs
-
-
-def update_policy(
-    agent: Agent,
-    optimizer: torch.optim.Optimizer,
-    rollout: Rollout,
-    advantages: torch.Tensor,
-    returns: torch.Tensor,
-    args: Args,
-) -> dict[str, float]:
-    """update_epochs passes over the flattened rollout in shuffled minibatches; returns mean stats."""
+def update_policy(agent: Agent, optimizer, rollout: Rollout, advantages, returns, args: Args) -> dict[str, float]:
+    """update_epochs passes over the flattened rollout in shuffled minibatches; returns mean statistics."""
     b_obs = rollout.obs.reshape(-1, rollout.obs.shape[-1])  # (B, obs_dim), B = T * N
     b_actions = rollout.actions.reshape(-1, rollout.actions.shape[-1])
     b_logprobs, b_values = rollout.logprobs.reshape(-1), rollout.values.reshape(-1)
@@ -572,16 +429,15 @@ def update_policy(
     params = list(agent.parameters())
     totals: dict[str, torch.Tensor] = {}
     num_minibatch_updates = 0
-    for _epoch in range(args.update_epochs):
+    for epoch in range(1, args.update_epochs + 1):  # noqa: B007 (epoch is reported below)
         # A fresh permutation each epoch: every sample is used exactly once per epoch.
         permutation = torch.randperm(args.batch_size, device=b_obs.device)
         for start in range(0, args.batch_size, args.minibatch_size):
             mb = permutation[start : start + args.minibatch_size]
             _, new_logprobs, entropy, new_values = agent.get_action_and_value(b_obs[mb], b_actions[mb])
             loss, stats = ppo_loss(
-                new_logprobs, b_logprobs[mb], entropy, new_values, b_values[mb],
-                b_advantages[mb], b_returns[mb], args,
-            )  # fmt: skip
+                new_logprobs, b_logprobs[mb], entropy, new_values, b_values[mb], b_advantages[mb], b_returns[mb], args
+            )
             optimizer.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # one global norm over all weights
@@ -592,29 +448,288 @@ def update_policy(
         # Early stop on the KL of the last minibatch of the epoch (implementation detail 12).
         if args.target_kl is not None and stats["approx_kl"].item() > args.target_kl:
             break
-    # Averages over all minibatches; the KL and clip fraction also as seen on the last one.
+    # Averages over all minibatches; the KL as seen on the last one; what the critic explains.
     result = {key: (value / num_minibatch_updates).item() for key, value in totals.items()}
     result["last_approx_kl"] = stats["approx_kl"].item()
-    result["epochs"] = _epoch + 1
+    result["epochs"] = epoch
+    result["explained_variance"] = explained_variance(b_values, b_returns)
+    result["learning_rate"] = optimizer.param_groups[0]["lr"]
     return result
 
 
+def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:
+    """1 - Var(targets - predictions) / Var(targets): 1 is a perfect critic, <= 0 no better than a constant."""
+    var_targets = targets.var()
+    if var_targets == 0:
+        return float("nan")
+    return (1.0 - (targets - predictions).var() / var_targets).item()
+
+
+def train(args: Args) -> dict:
+    """Train PPO; returns the summary that is also written to <run>/summary.json."""
+    with Run(args) as run:  # checks args; sets up seeding, device, run folder, logs, checkpoints, Ctrl-C
+        envs = run.watch(make_vector_env(args.env_id, args.num_envs))
+        obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
+        agent = Agent(obs_dim, action_dim).to(run.device)
+        # Adam with eps 1e-5 (detail 3: PPO2's value, not torch's 1e-8); the fused kernel is the same math, faster.
+        optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+        obs_normalizer = ObservationNormalizer((obs_dim,))
+        reward_scaler = RewardScaler(args.num_envs, args.gamma)
+        start_iteration = run.restore(agent, optimizer, obs_normalizer, reward_scaler)  # 1, or where --resume left off
+        next_obs = obs_normalizer(envs.reset(seed=args.seed + start_iteration - 1)[0])
+
+        for iteration in range(start_iteration, args.num_iterations + 1):
+            if args.anneal_lr:  # linear annealing of the learning rate to 0 (detail 4)
+                optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
+
+            # COLLECT TRAJECTORIES
+            rollout, next_obs = collect_rollout(envs, agent, obs_normalizer, reward_scaler, next_obs, args.num_steps)
+
+            # CALCULATE ADVANTAGE
+            advantages, returns = compute_gae(
+                rollout.rewards, rollout.values, rollout.next_values, rollout.terminations, rollout.episode_ends,
+                args.gamma, args.gae_lambda,
+            )  # fmt: skip
+
+            # UPDATE NETWORK
+            stats = update_policy(agent, optimizer, rollout, advantages, returns, args)
+
+            run.log(iteration, stats)  # TensorBoard, progress line; stops the run if the loss is not finite
+            run.save_if_due(iteration)  # every --save-interval iterations
+
+        run.finish()  # final checkpoint, its evaluation (as a reloaded model), summary.json
+    return run.summary
+
+
+# ==== PLUMBING: below this line nothing changes what PPO computes ====
+
+
+class ConfigError(ValueError):
+    """Bad input (flags, env, checkpoint): main() prints it as one line and exits with code 2."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: the run stops and keeps its last good checkpoint."""
+
+
+class Run:
+    """Everything around PPO for one training run, used as `with Run(args) as run:`.
+
+    It owns the run folder, TensorBoard (and W&B with --track), the progress line, the time split,
+    the checkpoints (periodic, final, on Ctrl-C / SIGTERM; never after a NaN), the final evaluation and
+    summary.json, the dict train() returns. Ctrl-C or SIGTERM anywhere inside the block saves the last
+    completed iteration (if training was not finished), writes the summary and returns normally.
+    """
+
+    def __init__(self, args: Args):
+        validate_args(args)
+        self.checkpoint = load_checkpoint(args.resume, args.env_id) if args.resume else None
+        if self.checkpoint is not None:
+            check_resume_settings(args, self.checkpoint["args"])
+        self.args = args
+        seed_everything(args.seed, args.torch_deterministic)
+        self.device = select_device(args)
+        if args.resume:  # a resumed run goes on writing into the folder of its checkpoint
+            self.dir = Path(args.resume).parent
+        else:
+            self.dir = Path(args.runs_dir) / f"{args.exp_name}__{args.env_id}__{args.seed}__{int(time.time())}"
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the run folder {self.dir}: {e.strerror}") from None
+        self.checkpoint_path = self.dir / "checkpoint.pt"
+        self.start_step = self.checkpoint["global_step"] if self.checkpoint else 0
+        self.global_step, self.iteration, self.saved_iteration = self.start_step, 0, None
+        self.episodes, self.recent_returns = 0, deque(maxlen=100)
+        self.env_time = self.inference_time = self.update_time = 0.0
+        self.status, self.stopped_by, self.training_done, self.summary = "completed", None, False, {}
+        if args.track:
+            start_wandb(args, self.dir)
+        # purge_step: after a crash, the events logged past the checkpoint are dropped, not shown twice.
+        self.writer = SummaryWriter(str(self.dir), purge_step=self.start_step + 1 if self.checkpoint else None)
+        hyperparameters = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+        self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
+
+    def __enter__(self) -> Run:
+        self.previous_sigterm = None
+        if threading.current_thread() is threading.main_thread():  # SIGTERM (cluster schedulers) as Ctrl-C
+            self.previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.start_time = self.last_print = time.time()
+        self.iteration_start = time.perf_counter()
+        return self
+
+    def _on_sigterm(self, signum, frame):
+        self.stopped_by = "SIGTERM"
+        raise KeyboardInterrupt
+
+    def watch(self, envs: gym.vector.VectorEnv) -> gym.vector.VectorEnv:
+        """Wrap the envs so the run sees each finished episode and the time spent stepping them."""
+        self.envs = EpisodeAndTimeMonitor(envs)
+        return self.envs
+
+    def restore(self, agent, optimizer, obs_normalizer, reward_scaler) -> int:
+        """Register what a checkpoint holds; with --resume, load it. Returns the first iteration to run."""
+        self.model = (agent, optimizer, obs_normalizer, reward_scaler)
+        if self.checkpoint is None:
+            return 1
+        c = self.checkpoint
+        agent.load_state_dict(c["model"])
+        optimizer.load_state_dict(c["optimizer"])
+        obs_normalizer.rms.load_state_dict(c["obs_rms"])
+        reward_scaler.rms.load_state_dict(c["return_rms"])
+        reward_scaler.discounted_return = c["discounted_return"].numpy().copy()
+        set_rng_states(c["rng"])
+        self.iteration = self.saved_iteration = c["iteration"]
+        print(f"resuming {self.checkpoint_path} at step {self.global_step:,} (iteration {c['iteration'] + 1})")
+        return c["iteration"] + 1
+
+    def log(self, iteration: int, stats: dict) -> None:
+        """Check the loss, then log the iteration's scalars under the tags of the popular single-file scripts."""
+        if not math.isfinite(stats["loss"]):
+            kept = (
+                f"the checkpoint of iteration {self.saved_iteration} is kept"
+                if self.saved_iteration
+                else "nothing saved"
+            )
+            raise TrainingDiverged(f"the loss became {stats['loss']} at iteration {iteration}; stopped, {kept}")
+        self.iteration, self.global_step = iteration, iteration * self.args.batch_size
+        # The time split: env.step() itself; inference is the rest of the rollout; the update (advantages
+        # included) runs from the rollout's last env step to now.
+        now, (episodes, env_seconds) = time.perf_counter(), self.envs.pop()
+        self.env_time += env_seconds
+        self.inference_time += self.envs.last_step_end - self.iteration_start - env_seconds
+        self.update_time += now - self.envs.last_step_end
+        self.iteration_start = now
+        step, write = self.global_step, self.writer.add_scalar
+        for episode_return, episode_length in episodes:
+            write("charts/episodic_return", episode_return, step)
+            write("charts/episodic_length", episode_length, step)
+            self.recent_returns.append(episode_return)
+            self.episodes += 1
+        sps = (step - self.start_step) / (time.time() - self.start_time)
+        write("charts/learning_rate", stats["learning_rate"], step)
+        write("charts/SPS", sps, step)
+        write("charts/update_epochs", stats["epochs"], step)
+        for key in (
+            "policy_loss",
+            "value_loss",
+            "entropy",
+            "old_approx_kl",
+            "approx_kl",
+            "clipfrac",
+            "explained_variance",
+        ):
+            write(f"losses/{key}", stats[key], step)
+        for key, seconds in (("env", self.env_time), ("inference", self.inference_time), ("update", self.update_time)):
+            write(f"time/{key}_s", seconds, step)
+        first_or_last = self.last_print == self.start_time or iteration == self.args.num_iterations
+        if first_or_last or time.time() - self.last_print >= 10:
+            self.last_print = time.time()
+            print(self.progress_line(sps), flush=True)
+
+    def progress_line(self, sps: float) -> str:
+        total = self.args.num_iterations * self.args.batch_size
+        eta = format_duration((total - self.global_step) / max(sps, 1e-9))
+        recent = f"{np.mean(self.recent_returns):9.1f}" if self.recent_returns else "      n/a"
+        return (
+            f"step {self.global_step:>10,}/{total:,} | {sps:5.0f} SPS | ETA {eta} | return {recent} "
+            f"(last {len(self.recent_returns)}) | time env {self.env_time:.0f}s inference {self.inference_time:.0f}s "
+            f"update {self.update_time:.0f}s"
+        )
+
+    def save_if_due(self, iteration: int) -> None:
+        if self.args.save_interval and iteration % self.args.save_interval == 0:
+            self.save()
+
+    def save(self) -> None:
+        save_checkpoint(self.checkpoint_path, *self.model, self.args, self.global_step, self.iteration)
+        self.saved_iteration = self.iteration
+
+    def finish(self) -> None:
+        """Save the final model, then evaluate it exactly as --eval-checkpoint evaluates a saved one."""
+        self.save()
+        self.training_done = True
+        result = evaluate_checkpoint(str(self.checkpoint_path), self.args)
+        self.summary.update(eval_return_mean=result["eval_return_mean"], eval_return_std=result["eval_return_std"])
+        self.writer.add_scalar("eval/episodic_return_mean", result["eval_return_mean"], self.global_step)
+
+    def __exit__(self, exc_type, exc, traceback) -> bool:
+        if self.previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self.previous_sigterm)
+        if hasattr(self, "envs"):
+            self.envs.close()
+        if exc_type is KeyboardInterrupt:
+            self.status, self.stopped_by = "interrupted", self.stopped_by or "SIGINT"
+            if hasattr(self, "model") and not self.training_done and self.iteration > 0:
+                self.save()
+            where = "in the final evaluation" if self.training_done else f"at step {self.global_step:,}"
+            print(f"interrupted ({self.stopped_by}) {where}; checkpoint: {self.saved_checkpoint()}", flush=True)
+        elif exc_type is TrainingDiverged:
+            self.status = "diverged"
+        wall_time = time.time() - self.start_time
+        self.summary = {
+            "script": SCRIPT_NAME, "env_id": self.args.env_id, "seed": self.args.seed, "status": self.status,
+            "global_step": self.global_step, "iterations": self.iteration, "wall_time_s": wall_time,
+            "sps": (self.global_step - self.start_step) / max(wall_time, 1e-9), "episodes": self.episodes,
+            "mean_return": float(np.mean(self.recent_returns)) if self.recent_returns else None,
+            "time_env_s": self.env_time, "time_inference_s": self.inference_time, "time_update_s": self.update_time,
+            "run_dir": str(self.dir), "checkpoint": self.saved_checkpoint(), **self.summary,
+        }  # fmt: skip
+        if self.stopped_by:
+            self.summary["stopped_by"] = self.stopped_by
+        (self.dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
+        self.writer.close()
+        if self.args.track:
+            import wandb
+
+            wandb.finish()
+        if self.status == "completed" and exc_type is None:
+            s, n = self.summary, len(self.recent_returns)
+            training = f"{s['mean_return']:.1f} (last {n} episodes)" if n else "n/a (no episode finished)"
+            evaluation = f"{s['eval_return_mean']:.1f} +- {s['eval_return_std']:.1f}"
+            duration = format_duration(wall_time)
+            print(f"done: {self.global_step:,} steps in {duration} ({s['sps']:.0f} SPS); training return {training} | "
+                  f"evaluation {evaluation} | {self.dir}")  # fmt: skip
+        return exc_type is KeyboardInterrupt  # handled: train() returns the summary
+
+    def saved_checkpoint(self) -> str | None:
+        return str(self.checkpoint_path) if self.checkpoint_path.exists() else None
+
+
+class EpisodeAndTimeMonitor(gym.vector.VectorWrapper):
+    """Records the (raw return, length) of every finished episode and the seconds spent in env.step()."""
+
+    def __init__(self, env: gym.vector.VectorEnv):
+        super().__init__(env)
+        self.episodes, self.step_time, self.last_step_end = [], 0.0, time.perf_counter()
+
+    def step(self, actions):
+        start = time.perf_counter()
+        obs, reward, terminated, truncated, info = self.env.step(actions)
+        self.last_step_end = time.perf_counter()
+        self.step_time += self.last_step_end - start
+        for i in np.flatnonzero(info.get("_episode", [])):
+            self.episodes.append((float(info["episode"]["r"][i]), int(info["episode"]["l"][i])))
+        return obs, reward, terminated, truncated, info
+
+    def pop(self) -> tuple[list[tuple[float, int]], float]:
+        """The episodes finished and the seconds spent stepping since the last pop()."""
+        popped, self.episodes, self.step_time = (self.episodes, self.step_time), [], 0.0
+        return popped
+
+
 def save_checkpoint(path: Path, agent, optimizer, obs_normalizer, reward_scaler, args, global_step, iteration):
-    """Weights, optimizer, normalization statistics, args and progress in one file.
+    """Weights, optimizer, normalization statistics, RNG states, args and progress in one file.
 
     Written to a temporary file and renamed, so an interrupted save never destroys the last one.
     """
     checkpoint = {
-        "script": SCRIPT_NAME,
-        "env_id": args.env_id,
-        "args": asdict(args),
-        "model": agent.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "obs_rms": obs_normalizer.rms.state_dict(),
+        "script": SCRIPT_NAME, "env_id": args.env_id, "args": asdict(args), "model": agent.state_dict(),
+        "optimizer": optimizer.state_dict(), "obs_rms": obs_normalizer.rms.state_dict(),
         "return_rms": reward_scaler.rms.state_dict(),
-        "global_step": global_step,
-        "iteration": iteration,
-    }
+        "discounted_return": torch.as_tensor(reward_scaler.discounted_return),
+        "rng": rng_states(), "global_step": global_step, "iteration": iteration,
+    }  # fmt: skip
     tmp_path = path.with_suffix(".tmp")
     torch.save(checkpoint, tmp_path)
     os.replace(tmp_path, path)
@@ -636,14 +751,70 @@ def load_checkpoint(path: str, env_id: str | None = None) -> dict:
     return checkpoint
 
 
+# Flags that change only how a run is logged, saved, evaluated or placed: a resumed run may change them.
+RESUME_MAY_CHANGE = {
+    "cuda", "torch_threads", "exp_name", "runs_dir", "track", "wandb_project_name", "wandb_entity", "save_interval",
+    "resume", "eval_checkpoint", "eval_episodes", "eval_stochastic", "capture_video",
+}  # fmt: skip
+
+
+def check_resume_settings(args: Args, saved: dict) -> None:
+    """A resumed run keeps the settings it was started with; a flag that would change them is refused."""
+    for name, value in asdict(args).items():
+        if name not in RESUME_MAY_CHANGE and name in saved and saved[name] != value:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(
+                f"{flag} {value} differs from the checkpoint's {saved[name]}: a resumed run keeps its settings"
+            )
+
+
+def rng_states() -> dict:
+    """The python, numpy and torch random states, so a resumed run draws what it would have drawn."""
+    name, key, position, has_gauss, gauss = np.random.get_state()
+    numpy_state = (name, torch.as_tensor(key.astype(np.int64)), position, has_gauss, gauss)
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    name, key, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def load_agent(checkpoint: dict, device: torch.device) -> tuple[Agent, ObservationNormalizer]:
+    """Rebuild the agent and its frozen observation normalizer from a loaded checkpoint."""
+    obs_dim, action_dim = (
+        checkpoint["model"]["actor_mean.0.weight"].shape[1],
+        checkpoint["model"]["actor_logstd"].shape[1],
+    )
+    agent = Agent(obs_dim, action_dim).to(device)
+    agent.load_state_dict(checkpoint["model"])
+    obs_normalizer = ObservationNormalizer((obs_dim,))
+    obs_normalizer.rms.load_state_dict(checkpoint["obs_rms"])
+    return agent, obs_normalizer
+
+
+def evaluate_checkpoint(path: str, args: Args) -> dict:
+    """The one evaluation entry point (after training, and --eval-checkpoint): a saved model on the env it
+    was trained on, with its frozen normalization statistics. Returns the returns and their mean and std."""
+    checkpoint = load_checkpoint(path)
+    agent, obs_normalizer = load_agent(checkpoint, select_device(args))
+    video_dir = Path(path).parent / "videos" if args.capture_video else None
+    returns = evaluate(
+        agent, obs_normalizer, checkpoint["env_id"], args.eval_episodes, args.seed, args.eval_stochastic, video_dir
+    )
+    return {
+        "env_id": checkpoint["env_id"], "global_step": checkpoint["global_step"], "eval_episodes": len(returns),
+        "eval_return_mean": float(np.mean(returns)), "eval_return_std": float(np.std(returns)), "eval_returns": returns,
+    }  # fmt: skip
+
+
 def evaluate(
-    agent: Agent,
-    obs_normalizer: ObservationNormalizer,
-    env_id: str,
-    episodes: int,
-    seed: int,
-    stochastic: bool = False,
-    video_dir: Path | None = None,
+    agent, obs_normalizer, env_id: str, episodes: int, seed: int, stochastic=False, video_dir=None
 ) -> list[float]:
     """Returns of `episodes` full episodes with FROZEN normalization statistics.
 
@@ -662,10 +833,9 @@ def evaluate(
         raw_obs, _ = env.reset(seed=seed + episode)
         done, episode_return = False, 0.0
         while not done:
-            obs = obs_normalizer(raw_obs[None], update=False)
+            obs = torch.as_tensor(obs_normalizer(raw_obs[None], update=False), device=device)
             with torch.inference_mode():
-                obs_t = torch.as_tensor(obs, device=device)
-                action = agent.get_action_and_value(obs_t)[0] if stochastic else agent.actor_mean(obs_t)
+                action = agent.get_action_and_value(obs)[0] if stochastic else agent.actor_mean(obs)
             raw_obs, reward, terminated, truncated, _ = env.step(np.clip(action[0].cpu().numpy(), low, high))
             episode_return += float(reward)
             done = terminated or truncated
@@ -674,52 +844,98 @@ def evaluate(
     return episode_returns
 
 
-def load_agent(checkpoint: dict, obs_dim: int, action_dim: int, device: torch.device):
-    """Rebuild the agent and its frozen observation normalizer from a loaded checkpoint."""
-    agent = Agent(obs_dim, action_dim).to(device)
-    agent.load_state_dict(checkpoint["model"])
-    obs_normalizer = ObservationNormalizer((obs_dim,))
-    obs_normalizer.rms.load_state_dict(checkpoint["obs_rms"])
-    return agent, obs_normalizer
+def require_module(module: str, purpose: str) -> None:
+    """Fail early with the install command when an optional package is missing."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"{purpose} needs the '{module}' package: pip install {module}") from None
 
 
-def evaluate_checkpoint(args: Args) -> dict:
-    """--eval-checkpoint: evaluate a saved model on the env it was trained on; print mean and std."""
-    checkpoint = load_checkpoint(args.eval_checkpoint)
-    env_id = checkpoint["env_id"]
-    check_env_id(env_id)
-    probe = gym.make(env_id)
-    obs_dim, action_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
-    probe.close()
-    device = select_device(args)
-    agent, obs_normalizer = load_agent(checkpoint, obs_dim, action_dim, device)
-    video_dir = Path(args.eval_checkpoint).parent / "videos" if args.capture_video else None
-    returns = evaluate(
-        agent,
-        obs_normalizer,
-        env_id,
-        args.eval_episodes,
-        args.seed,
-        args.eval_stochastic,
-        video_dir,
-    )
-    result = {
-        "env_id": env_id,
-        "global_step": checkpoint["global_step"],
-        "eval_episodes": len(returns),
-        "eval_return_mean": float(np.mean(returns)),
-        "eval_return_std": float(np.std(returns)),
-        "eval_returns": returns,
-    }
-    print(
-        f"{env_id} ({args.eval_checkpoint}, {checkpoint['global_step']} steps): "
-        f"return {result['eval_return_mean']:.1f} +- {result['eval_return_std']:.1f} over {len(returns)} episodes"
-    )
-    return result
+def validate_args(args: Args) -> None:
+    """Reject a setting from which nothing sensible can follow, with one line, before anything is built."""
+    counts = ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes")
+    for name in (*counts, "torch_threads"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    rollout = f"num_envs * num_steps = {args.batch_size}"
+    checks = [
+        (args.learning_rate > 0, f"--learning-rate must be positive, got {args.learning_rate}"),
+        (0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1, "--gamma and --gae-lambda must lie in [0, 1]"),
+        (args.clip_coef > 0, f"--clip-coef must be positive, got {args.clip_coef}"),
+        (args.max_grad_norm > 0, f"--max-grad-norm must be positive (0 freezes the policy), got {args.max_grad_norm}"),
+        (args.ent_coef >= 0 and args.vf_coef >= 0, "--ent-coef and --vf-coef must not be negative"),
+        (args.target_kl is None or args.target_kl > 0, f"--target-kl must be positive when set, got {args.target_kl}"),
+        (0 <= args.seed < 2**32, f"--seed must lie in [0, 2**32), got {args.seed}"),
+        (args.save_interval >= 0, f"--save-interval must not be negative, got {args.save_interval}"),
+        (not (args.resume and args.eval_checkpoint), "--resume and --eval-checkpoint exclude each other"),
+        (args.batch_size % args.num_minibatches == 0,
+         f"the rollout ({rollout}) does not divide into {args.num_minibatches} minibatches"),
+        (not args.norm_adv or args.minibatch_size >= 2, "--norm-adv needs minibatches of 2 samples or more"),
+        (args.total_timesteps >= args.batch_size,
+         f"--total-timesteps {args.total_timesteps} is smaller than one rollout ({rollout})"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if args.track:
+        require_module("wandb", "--track")
+        if not wandb_can_log():
+            raise ConfigError(
+                "--track needs a W&B API key: run `wandb login`, set WANDB_API_KEY, or set WANDB_MODE=offline"
+            )
+    if args.capture_video:
+        require_module("moviepy", "--capture-video")
+    if not args.eval_checkpoint:
+        check_env(args.env_id)
+
+
+def check_env(env_id: str) -> None:
+    """Reject an unknown id, a MuJoCo id without mujoco installed, or a non-Box action space."""
+    try:
+        spec = gym.spec(env_id)
+    except gym.error.Error as e:
+        raise ConfigError(f"unknown environment id {env_id!r}: {e}") from None
+    if "mujoco" in str(spec.entry_point):
+        require_module("mujoco", f"the MuJoCo environment {env_id}")
+    env = gym.make(env_id)
+    action_space = env.action_space
+    env.close()
+    if not isinstance(action_space, gym.spaces.Box):
+        raise ConfigError(
+            f"{env_id} has a {type(action_space).__name__} action space; this script needs a continuous (Box) one"
+        )
+
+
+def wandb_can_log() -> bool:
+    """True in offline mode or with an API key (WANDB_API_KEY or the ~/.netrc entry `wandb login` writes)."""
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled") or os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def start_wandb(args: Args, run_dir: Path) -> None:
+    """A W&B run mirroring TensorBoard; if W&B cannot be reached within 20 s, it logs offline and says so."""
+    import wandb
+
+    settings = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name,
+                    config=asdict(args), dir=str(run_dir), sync_tensorboard=True)  # fmt: skip
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+        wandb.init(**settings)
+        return
+    try:
+        wandb.init(**settings, settings=wandb.Settings(init_timeout=20))
+    except Exception as e:
+        print(f"W&B unreachable ({type(e).__name__}): logging offline into {run_dir / 'wandb'} (upload: `wandb sync`)")
+        wandb.init(**settings, mode="offline")
 
 
 def select_device(args: Args) -> torch.device:
-    """The device for the networks, chosen once per run; also sets torch's CPU thread count."""
+    """The device for the networks; also sets torch's CPU thread count."""
     torch.set_num_threads(args.torch_threads)
     return torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
 
@@ -741,263 +957,43 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def start_run(args: Args) -> tuple[Path, SummaryWriter]:
-    """The run folder, its TensorBoard writer and, with --track, a W&B run mirroring TensorBoard.
-
-    A resumed run goes on writing into the folder of its checkpoint.
-    """
-    if args.resume:
-        run_dir = Path(args.resume).parent
-    else:
-        run_name = f"{args.exp_name}__{args.env_id}__{args.seed}__{int(time.time())}"
-        run_dir = Path(args.runs_dir) / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if args.track:
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name,
-            config=asdict(args), dir=str(run_dir), sync_tensorboard=True,
-        )  # fmt: skip
-    writer = SummaryWriter(str(run_dir))
-    hyperparameters = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
-    return run_dir, writer
-
-
-def log_iteration(writer, global_step, stats, rollout, returns, learning_rate, sps, timers, new_episodes):
-    """TensorBoard scalars of one iteration, under the tags of the popular single-file scripts."""
-    for episode_return, episode_length in new_episodes:
-        writer.add_scalar("charts/episodic_return", episode_return, global_step)
-        writer.add_scalar("charts/episodic_length", episode_length, global_step)
-    writer.add_scalar("charts/learning_rate", learning_rate, global_step)
-    writer.add_scalar("charts/SPS", sps, global_step)
-    writer.add_scalar("charts/update_epochs", stats["epochs"], global_step)
-    for key in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"):
-        writer.add_scalar(f"losses/{key}", stats[key], global_step)
-    ev = explained_variance(rollout.values.flatten(), returns.flatten())
-    writer.add_scalar("losses/explained_variance", ev, global_step)
-    for key in ("env", "inference", "update"):
-        writer.add_scalar(f"time/{key}_s", getattr(timers, key), global_step)
-
-
-def progress_line(global_step: int, total_steps: int, sps: float, recent_returns, timers: Timers) -> str:
-    eta = format_duration((total_steps - global_step) / max(sps, 1e-9))
-    recent = f"{np.mean(recent_returns):9.1f}" if recent_returns else "      n/a"
-    return (
-        f"step {global_step:>10,}/{total_steps:,} | {sps:5.0f} SPS | ETA {eta} | "
-        f"return {recent} (last {len(recent_returns)}) | "
-        f"time env {timers.env:.0f}s inference {timers.inference:.0f}s update {timers.update:.0f}s"
-    )
-
-
-def train(args: Args) -> dict:
-    """Train PPO and return the summary that is also written to <run>/summary.json."""
-    validate_args(args)
-    checkpoint = load_checkpoint(args.resume, args.env_id) if args.resume else None
-    seed_everything(args.seed, args.torch_deterministic)
-    device = select_device(args)
-    envs = make_vector_env(args.env_id, args.num_envs)
-    obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
-    run_dir, writer = start_run(args)
-    checkpoint_path = run_dir / "checkpoint.pt"
-
-    agent = Agent(obs_dim, action_dim).to(device)
-    # Adam with eps 1e-5 (PPO2's value, not torch's 1e-8); the fused kernel is the same math, faster.
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
-    obs_normalizer = ObservationNormalizer((obs_dim,))
-    reward_scaler = RewardScaler(args.num_envs, args.gamma)
-    global_step, start_iteration = 0, 1
-    if checkpoint is not None:
-        agent.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        obs_normalizer.rms.load_state_dict(checkpoint["obs_rms"])
-        reward_scaler.rms.load_state_dict(checkpoint["return_rms"])
-        global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
-        print(f"resuming {checkpoint_path} at step {global_step:,} (iteration {start_iteration})")
-
-    def save(progress: dict) -> None:
-        save_checkpoint(checkpoint_path, agent, optimizer, obs_normalizer, reward_scaler, args,
-                        progress["global_step"], progress["iteration"])  # fmt: skip
-
-    raw_obs, _ = envs.reset(seed=args.seed + start_iteration - 1)
-    next_obs = obs_normalizer(raw_obs)
-    episode_stats: list[tuple[float, int]] = []  # (return, length) of every finished episode
-    recent_returns: deque[float] = deque(maxlen=100)
-    timers = Timers()
-    done = {
-        "iteration": start_iteration - 1,
-        "global_step": global_step,
-    }  # last completed iteration
-    total_steps = args.num_iterations * args.batch_size
-    status, diverged = "completed", None
-    start_time = last_print = time.time()
-    start_step = global_step
-    previous_sigterm = handle_sigterm_as_interrupt()
-    try:
-        for iteration in range(start_iteration, args.num_iterations + 1):
-            if args.anneal_lr:  # linear annealing of the learning rate to 0
-                frac = 1.0 - (iteration - 1.0) / args.num_iterations
-                optimizer.param_groups[0]["lr"] = frac * args.learning_rate
-
-            # COLLECT TRAJECTORIES
-            first_new_episode = len(episode_stats)
-            rollout, next_obs = collect_rollout(
-                envs,
-                agent,
-                obs_normalizer,
-                reward_scaler,
-                next_obs,
-                args.num_steps,
-                timers,
-                episode_stats,
-            )
-            global_step += args.batch_size
-
-            # CALCULATE ADVANTAGE
-            advantages, returns = compute_gae(
-                rollout.rewards, rollout.values, rollout.next_values, rollout.terminations,
-                rollout.episode_ends, args.gamma, args.gae_lambda,
-            )  # fmt: skip
-
-            # UPDATE NETWORK
-            update_start = time.perf_counter()
-            stats = update_policy(agent, optimizer, rollout, advantages, returns, args)
-            timers.update += time.perf_counter() - update_start
-            if not math.isfinite(stats["loss"]):
-                raise TrainingDiverged(
-                    f"the loss became {stats['loss']} at iteration {iteration} (step {global_step:,}); "
-                    f"stopped without saving, the last good checkpoint is kept"
-                )
-            done = {"iteration": iteration, "global_step": global_step}
-
-            # LOG
-            new_episodes = episode_stats[first_new_episode:]
-            recent_returns.extend(episode_return for episode_return, _ in new_episodes)
-            sps = (global_step - start_step) / (time.time() - start_time)
-            learning_rate = optimizer.param_groups[0]["lr"]
-            log_iteration(
-                writer,
-                global_step,
-                stats,
-                rollout,
-                returns,
-                learning_rate,
-                sps,
-                timers,
-                new_episodes,
-            )
-            if time.time() - last_print >= 10 or iteration in (
-                start_iteration,
-                args.num_iterations,
-            ):
-                last_print = time.time()
-                print(progress_line(global_step, total_steps, sps, recent_returns, timers), flush=True)
-            if args.save_interval and iteration % args.save_interval == 0:
-                save(done)
-    except KeyboardInterrupt:
-        status = "interrupted"
-        print(f"interrupted at step {done['global_step']:,}: saving {checkpoint_path}", flush=True)
-    except TrainingDiverged as error:
-        status, diverged = "diverged", error
-    finally:
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
-        envs.close()
-
-    if status != "diverged":
-        save(done)
-    wall_time = time.time() - start_time
-    summary = {
-        "script": SCRIPT_NAME,
-        "env_id": args.env_id,
-        "seed": args.seed,
-        "status": status,
-        "global_step": done["global_step"],
-        "iterations": done["iteration"],
-        "wall_time_s": wall_time,
-        "sps": (done["global_step"] - start_step) / max(wall_time, 1e-9),
-        "episodes": len(episode_stats),
-        "mean_return": float(np.mean(recent_returns)) if recent_returns else None,
-        "time_env_s": timers.env,
-        "time_inference_s": timers.inference,
-        "time_update_s": timers.update,
-        "run_dir": str(run_dir),
-        "checkpoint": str(checkpoint_path) if checkpoint_path.exists() else None,
-    }
-    if status == "completed":
-        # EVALUATE the final model exactly as a reloaded checkpoint is evaluated.
-        previous_sigterm = handle_sigterm_as_interrupt()
-        try:
-            summary.update(evaluate_final_model(agent, obs_normalizer, args, run_dir))
-        except KeyboardInterrupt:  # the checkpoint is saved: keep the logs, skip the evaluation
-            status = summary["status"] = "interrupted"
-            print(f"interrupted in the final evaluation; {checkpoint_path} is saved", flush=True)
-        finally:
-            if previous_sigterm is not None:
-                signal.signal(signal.SIGTERM, previous_sigterm)
-    if status == "completed":
-        writer.add_scalar("eval/episodic_return_mean", summary["eval_return_mean"], global_step)
-        print(
-            f"done: {global_step:,} steps in {format_duration(wall_time)} ({summary['sps']:.0f} SPS); "
-            f"training return {summary['mean_return']:.1f} (last {len(recent_returns)} episodes) | "
-            f"evaluation {summary['eval_return_mean']:.1f} +- {summary['eval_return_std']:.1f} | {run_dir}",
-            flush=True,
+def parse_args(argv: list[str] | None = None) -> Args:
+    """tyro's command line, with a mistyped flag as one line; under --resume, flags not given keep the
+    checkpoint's values (check_resume_settings refuses the ones given that differ)."""
+    args, unknown = tyro.cli(Args, args=argv, return_unknown_args=True)
+    if unknown:
+        flag = next((u.split("=")[0] for u in unknown if u.startswith("--")), unknown[0])
+        known = ["--" + f.name.replace("_", "-") for f in fields(Args)]
+        close = difflib.get_close_matches(flag, known + ["--no-" + k[2:] for k in known], n=1)
+        raise ConfigError(
+            f"unrecognized argument {flag}" + (f" (did you mean {close[0]}?)" if close else "") + "; see --help"
         )
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    writer.close()
-    if args.track:
-        import wandb
-
-        wandb.finish()
-    if diverged is not None:
-        raise diverged
-    return summary
-
-
-def evaluate_final_model(agent: Agent, obs_normalizer: ObservationNormalizer, args: Args, run_dir: Path) -> dict:
-    video_dir = run_dir / "videos" if args.capture_video else None
-    returns = evaluate(
-        agent,
-        obs_normalizer,
-        args.env_id,
-        args.eval_episodes,
-        args.seed,
-        args.eval_stochastic,
-        video_dir,
-    )
-    return {"eval_return_mean": float(np.mean(returns)), "eval_return_std": float(np.std(returns))}
-
-
-def handle_sigterm_as_interrupt():
-    """SIGTERM (e.g. from a cluster scheduler) is handled like Ctrl-C: save, flush, exit.
-
-    Returns the previous handler, or None where signals cannot be set (not the main thread).
-    """
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def raise_interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    return signal.signal(signal.SIGTERM, raise_interrupt)
+    if args.resume:
+        saved = load_checkpoint(args.resume)["args"]
+        defaults = Args(**{f.name: saved[f.name] for f in fields(Args) if f.name in saved})
+        args = tyro.cli(Args, args=argv, default=defaults)
+    return args
 
 
 def main() -> None:
-    args = tyro.cli(Args)
     try:
+        args = parse_args()
         if args.eval_checkpoint:
-            evaluate_checkpoint(args)
-        elif train(args)["status"] == "interrupted":
-            sys.exit(130)
+            validate_args(args)
+            result = evaluate_checkpoint(args.eval_checkpoint, args)
+            mean, std, episodes = result["eval_return_mean"], result["eval_return_std"], result["eval_episodes"]
+            print(f"{result['env_id']} ({args.eval_checkpoint}, {result['global_step']:,} steps): "
+                  f"return {mean:.1f} +- {std:.1f} over {episodes} episodes")  # fmt: skip
+            return
+        summary = train(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    if summary["status"] == "interrupted":
+        sys.exit(143 if summary["stopped_by"] == "SIGTERM" else 130)  # 128 + the signal's number
 
 
 if __name__ == "__main__":

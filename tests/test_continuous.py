@@ -183,16 +183,14 @@ class IdentityNormalizer:
 
 
 def collect(env_id, num_envs, num_steps, agent=None, normalizer=None):
-    envs = pc.make_vector_env(env_id, num_envs)
+    envs = pc.EpisodeAndTimeMonitor(pc.make_vector_env(env_id, num_envs))  # as train() watches them
     obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     agent = agent or pc.Agent(obs_dim, action_dim)
     normalizer = normalizer or pc.ObservationNormalizer((obs_dim,))
     raw_obs, _ = envs.reset(seed=0)
-    episodes = []
-    rollout, _ = pc.collect_rollout(
-        envs, agent, normalizer, pc.RewardScaler(num_envs, 0.99), normalizer(raw_obs), num_steps,
-        pc.Timers(), episodes,
-    )  # fmt: skip
+    scaler = pc.RewardScaler(num_envs, 0.99)
+    rollout, _ = pc.collect_rollout(envs, agent, normalizer, scaler, normalizer(raw_obs), num_steps)
+    episodes, _ = envs.pop()
     envs.close()
     return rollout, episodes, agent
 
@@ -400,14 +398,14 @@ def test_checkpoint_round_trip_in_a_fresh_process(tmp_path):
     probe = (
         "import json, numpy as np, torch, ppo_continuous as pc\n"
         f"c = pc.load_checkpoint({summary['checkpoint']!r})\n"
-        "agent, norm = pc.load_agent(c, 4, 1, torch.device('cpu'))\n"
+        "agent, norm = pc.load_agent(c, torch.device('cpu'))\n"
         "obs = norm(np.array([[0.1, -0.2, 0.3, -0.4]]), update=False)\n"
         "print(json.dumps([obs.tolist(), agent.actor_mean(torch.as_tensor(obs)).tolist()]))\n"
     )
     fresh = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True)
     fresh_obs, fresh_action = json.loads(fresh.stdout)
     checkpoint = pc.load_checkpoint(summary["checkpoint"])
-    agent, normalizer = pc.load_agent(checkpoint, 4, 1, torch.device("cpu"))
+    agent, normalizer = pc.load_agent(checkpoint, torch.device("cpu"))
     obs = normalizer(np.array([[0.1, -0.2, 0.3, -0.4]]), update=False)
     assert fresh_obs == obs.tolist()
     assert fresh_action == agent.actor_mean(torch.as_tensor(obs)).tolist()
@@ -459,8 +457,8 @@ def test_interrupted_run_saves_and_resumes_to_the_end(tmp_path):
         time.sleep(0.1)
     process.send_signal(signal.SIGTERM)
     stdout, _ = process.communicate(timeout=60)
-    assert process.returncode == 130, stdout
-    assert "interrupted" in stdout
+    assert process.returncode == 143, stdout  # 128 + SIGTERM's number, as is conventional (Ctrl-C: 130)
+    assert "interrupted (SIGTERM)" in stdout
     (checkpoint_path,) = tmp_path.glob("*/checkpoint.pt")
     interrupted_at = pc.load_checkpoint(str(checkpoint_path))["global_step"]
     assert 0 < interrupted_at < 16384
@@ -475,16 +473,44 @@ def test_interrupted_run_saves_and_resumes_to_the_end(tmp_path):
     assert summary["run_dir"] == str(checkpoint_path.parent)  # the same run goes on
     final = pc.load_checkpoint(str(checkpoint_path), "InvertedPendulum-v4")
     assert final["global_step"] == 16384 and final["iteration"] == 64
-    agent, _ = pc.load_agent(final, 4, 1, torch.device("cpu"))
+    agent, _ = pc.load_agent(final, torch.device("cpu"))
     assert all(torch.isfinite(p).all() for p in agent.parameters())
 
 
-def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    good = pc.train(tiny_args(tmp_path))
-    before = Path(good["checkpoint"]).read_bytes()
-    with pytest.raises(pc.TrainingDiverged, match="last good checkpoint is kept"):
-        pc.train(tiny_args(tmp_path, total_timesteps=4096, resume=good["checkpoint"], learning_rate=1e30))
-    assert Path(good["checkpoint"]).read_bytes() == before
+def diverge_at_iteration(monkeypatch, bad_iteration):
+    """From bad_iteration on, the update starts from NaN weights, so its loss is NaN."""
+    real_update, calls = pc.update_policy, []
+
+    def update(agent, *rest):
+        calls.append(1)
+        if len(calls) >= bad_iteration:
+            with torch.no_grad():
+                agent.critic[0].weight.fill_(float("nan"))
+        return real_update(agent, *rest)
+
+    monkeypatch.setattr(pc, "update_policy", update)
+
+
+def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    diverge_at_iteration(monkeypatch, 3)
+    saved = []
+    real_save = pc.save_checkpoint
+    monkeypatch.setattr(pc, "save_checkpoint", lambda path, *a: (real_save(path, *a), saved.append(path.read_bytes())))
+    with pytest.raises(pc.TrainingDiverged, match="the checkpoint of iteration 2 is kept"):
+        pc.train(tiny_args(tmp_path, save_interval=1))
+    (checkpoint_path,) = (tmp_path / "runs").glob("*/checkpoint.pt")
+    assert checkpoint_path.read_bytes() == saved[-1] and len(saved) == 2  # nothing saved after the NaN
+    checkpoint = pc.load_checkpoint(str(checkpoint_path))
+    assert checkpoint["iteration"] == 2 and all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+    summary = json.loads((checkpoint_path.parent / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["iterations"] == 2
+
+
+def test_diverged_loss_without_a_checkpoint_says_so(tmp_path, monkeypatch):
+    diverge_at_iteration(monkeypatch, 1)
+    with pytest.raises(pc.TrainingDiverged, match="nothing saved"):
+        pc.train(tiny_args(tmp_path))
+    assert not list((tmp_path / "runs").glob("*/checkpoint.pt"))
 
 
 def test_learns_inverted_pendulum(tmp_path):
@@ -551,7 +577,7 @@ def test_checkpoint_of_another_env_or_script_is_rejected(tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_text("not a checkpoint")
     with pytest.raises(pc.ConfigError, match="not a readable checkpoint"):
-        pc.evaluate_checkpoint(tiny_args(tmp_path, eval_checkpoint=str(garbage)))
+        pc.evaluate_checkpoint(str(garbage), tiny_args(tmp_path))
 
 
 @pytest.mark.parametrize(
