@@ -38,8 +38,7 @@ visible), 84x84 grayscale, 4-frame stack, FIRE after a reset in games that need 
 episode end for learning (the game goes on), rewards clipped to their sign. The episodic return
 reported everywhere is the full game's unclipped score. Two environment paths give these semantics:
 - `--env-backend ale_vector` (default, fast): ale-py's `AtariVectorEnv`, C++ threads doing the
-  preprocessing natively; its envs form `--env-groups` groups that take turns, so that the policy
-  picks one group's actions while the other group's emulators run (the rollout is the same);
+  preprocessing natively;
 - `--env-backend gymnasium` (readable): a gymnasium wrapper stack in which each detail is one wrapper.
 They differ in one detail of the reset only: ale-py's C++ env presses FIRE for one frame and then
 waits 0-28 no-op frames, the gymnasium stack waits 1-30 no-op frames and then presses FIRE for one
@@ -126,8 +125,6 @@ class Args:
     # Atari
     env_backend: Literal["ale_vector", "gymnasium"] = "ale_vector"
     """ale_vector: ale-py's native C++ vector env (fast); gymnasium: the readable Python wrapper stack"""
-    env_groups: int = 2
-    """ale_vector: groups of envs that take turns, the policy acting for one while the other's emulators run (1: no overlap; gymnasium: always 1)"""
     channels_last: bool = True
     """keep the CNN's weights and activations in channels-last (NHWC) layout: same math, faster on CPU"""
     bf16: bool = False
@@ -223,11 +220,6 @@ def validate_args(args: Args) -> None:
     world_size = world_size_from_env()
     if args.num_envs % world_size != 0:
         raise ConfigError(f"--num-envs {args.num_envs} does not divide over the {world_size} torchrun processes")
-    if args.env_groups < 1 or (args.num_envs // world_size) % args.env_groups != 0:
-        raise ConfigError(
-            f"--env-groups {args.env_groups} does not divide the {args.num_envs // world_size} envs"
-            + (" of each torchrun process" if world_size > 1 else "")
-        )
     if args.batch_size % (args.num_minibatches * world_size) != 0:
         raise ConfigError(
             f"the rollout (num_envs * num_steps = {args.batch_size}) does not divide into "
@@ -365,16 +357,7 @@ class AleVectorGameStatistics(gym.vector.VectorWrapper):
         return obs, info
 
     def step(self, actions):
-        self.send(actions)
-        return self.recv()
-
-    def send(self, actions):
-        """Start the step: the emulators run in ale-py's C++ threads and this returns at once."""
-        self.env.send(actions)
-
-    def recv(self):
-        """Wait for the step that send() started; returns what step() returns."""
-        obs, reward, terminated, truncated, info = self.env.recv()
+        obs, reward, terminated, truncated, info = self.env.step(actions)
         self.scores += reward
         self.lengths += 1
         game_over = truncated | (terminated & (info["lives"] >= self.lives))
@@ -391,45 +374,24 @@ class AleVectorGameStatistics(gym.vector.VectorWrapper):
         return obs, np.sign(reward).astype(np.float32), terminated, truncated, info
 
 
-class SendThenStep(gym.vector.VectorWrapper):
-    """The send() / recv() pair of the fast path for a vector env that can only step(): send() keeps
-    the actions and recv() steps. Nothing overlaps, the Python thread does all the stepping."""
-
-    def send(self, actions):
-        self.actions = actions
-
-    def recv(self):
-        return self.env.step(self.actions)
-
-
-def make_vector_env(
-    env_id: str,
-    num_envs: int,
-    backend: str,
-    video_dir: Path | None = None,
-    num_threads: int = 0,
-) -> gym.vector.VectorEnv:
+def make_vector_env(env_id: str, num_envs: int, backend: str, video_dir: Path | None = None) -> gym.vector.VectorEnv:
     """num_envs copies of the game with the Atari preprocessing, by either path.
 
     Both give uint8 observations (num_envs, 4, 84, 84), sign-clipped rewards, terminated=True on a
     lost life, finished games in info["final_info"]["episode"], and SAME_STEP autoreset: when an
     episode ends, step() already returns the next observation and the true last observation is in
-    info["final_obs"], so every step of the rollout is a real transition. Both also step in two
-    halves, send(actions) then recv(), which only the fast path overlaps with other work; its
-    emulators run in num_threads C++ threads (0: one per core).
+    info["final_obs"], so every step of the rollout is a real transition.
     """
     settings = check_env_id(env_id)
     if backend == "gymnasium" or video_dir is not None:  # only this path can render frames
-        return SendThenStep(
-            gym.vector.SyncVectorEnv(
-                [lambda: make_atari_env(env_id, video_dir) for _ in range(num_envs)],
-                autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
-            )
+        return gym.vector.SyncVectorEnv(
+            [lambda: make_atari_env(env_id, video_dir) for _ in range(num_envs)],
+            autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
         )
     from ale_py.vector_env import AtariVectorEnv
 
     envs = AtariVectorEnv(
-        settings["game"], num_envs, num_threads=num_threads,
+        settings["game"], num_envs,
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
         repeat_action_probability=settings["repeat_action_probability"],
         full_action_space=settings["full_action_space"],
@@ -440,19 +402,6 @@ def make_vector_env(
         life_loss_info=True,  # terminated=True on a lost life, the game goes on
     )  # fmt: skip
     return AleVectorGameStatistics(envs)
-
-
-def make_env_groups(env_id: str, num_envs: int, backend: str, num_groups: int) -> list[gym.vector.VectorEnv]:
-    """num_envs envs in num_groups vector envs of equal size, which collect_rollout steps in turn.
-
-    Env i overall is env i % size of group i // size. On the fast path the cores this process may
-    use are shared out among the groups' C++ threads; the gymnasium path always makes one group.
-    """
-    if backend == "gymnasium":
-        return [make_vector_env(env_id, num_envs, backend)]
-    size = num_envs // num_groups
-    threads = max(1, min(size, cores_per_process() // num_groups))
-    return [make_vector_env(env_id, size, backend, num_threads=threads) for _ in range(num_groups)]
 
 
 def finished_games(info: dict) -> list[tuple[float, int]]:
@@ -661,66 +610,48 @@ def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> floa
 
 
 class Timers:
-    """Wall-clock seconds spent waiting for the environment, in policy inference (with the rollout's
-    bookkeeping) and in the update. When env groups take turns, emulator time hidden behind
-    inference is not counted: env is only the time spent waiting in recv()."""
+    """Wall-clock seconds spent stepping the environment, in policy inference (with the rollout's
+    bookkeeping) and in the update."""
 
     def __init__(self):
         self.env = self.inference = self.update = 0.0
 
 
 def collect_rollout(
-    env_groups: list[gym.vector.VectorEnv],
+    envs: gym.vector.VectorEnv,
     agent: Agent,
     next_obs: torch.Tensor,
     num_steps: int,
     timers: Timers,
     episode_stats: list,
 ) -> tuple[Rollout, torch.Tensor]:
-    """Run the policy for num_steps steps in every env.
+    """Run the policy for num_steps steps in every env: act, step the envs, store.
 
-    next_obs: (N, 4, 84, 84) uint8 observation to start from, on the agent's device; its columns are
-    the envs of env_groups in order. Returns the rollout (on the agent's device) and the observation
-    the next rollout starts from. Appends (full-game score, length) of every finished game to
-    episode_stats.
-
-    The groups take turns: a group's actions are sent to its emulators, and while those run (in
-    ale-py's C++ threads) the policy picks the next group's actions. With one group this is the
-    plain loop: act, step, act, step. Observations go to the device once, as uint8, and are stored
-    there; rewards and done flags stay in numpy until the rollout ends and cross once; what the
-    policy produces stays on the device.
+    next_obs: (N, 4, 84, 84) uint8 observation to start from, on the agent's device. Returns the
+    rollout (on the agent's device) and the observation the next rollout starts from. Appends
+    (full-game score, length) of every finished game to episode_stats. Observations go to the device
+    once, as uint8, and are stored there; rewards and done flags stay in numpy until the rollout ends
+    and cross once; what the policy produces stays on the device.
     """
     device = next(agent.parameters()).device
     num_envs = next_obs.shape[0]
-    group_size = num_envs // len(env_groups)
-    columns = [slice(g * group_size, (g + 1) * group_size) for g in range(len(env_groups))]
     obs = torch.zeros((num_steps, *next_obs.shape), dtype=torch.uint8, device=device)
     rewards, terminations, episode_ends = (np.zeros((num_steps, num_envs), np.float32) for _ in range(3))
     actions = torch.zeros((num_steps, num_envs), dtype=torch.int64, device=device)
     logprobs, values, next_values = (torch.zeros((num_steps, num_envs), device=device) for _ in range(3))
-
-    def act(step: int, g: int) -> None:
-        """Pick the actions of group g at this step and start its emulators on them."""
+    for step in range(num_steps):
         t0 = time.perf_counter()
-        cols = columns[g]
-        obs[step, cols] = next_obs[cols]
+        obs[step] = next_obs
         with torch.inference_mode():
-            action, logprob, _, value = agent.get_action_and_value(next_obs[cols])
-        actions[step, cols], logprobs[step, cols], values[step, cols] = action, logprob, value
-        env_groups[g].send(action.cpu().numpy())
-        timers.inference += time.perf_counter() - t0
-
-    def receive(step: int, g: int) -> None:
-        """Wait for group g's step and record the transition it made."""
-        t0 = time.perf_counter()
-        raw_obs, reward, terminated, truncated, info = env_groups[g].recv()
+            action, logprob, _, value = agent.get_action_and_value(next_obs)
+        actions[step], logprobs[step], values[step] = action, logprob, value
+        cpu_action = action.cpu().numpy()
         t1 = time.perf_counter()
-        cols = columns[g]
+        raw_obs, reward, terminated, truncated, info = envs.step(cpu_action)
+        t2 = time.perf_counter()
         ended = terminated | truncated  # terminated includes a lost life
-        rewards[step, cols], terminations[step, cols], episode_ends[step, cols] = (
-            reward, terminated, ended,
-        )  # fmt: skip
-        next_obs[cols] = torch.as_tensor(raw_obs, device=device)
+        rewards[step], terminations[step], episode_ends[step] = reward, terminated, ended
+        next_obs = torch.as_tensor(raw_obs, device=device)
         if ended.any():
             # SAME_STEP autoreset: raw_obs already belongs to what comes next (a new game, or the
             # same game after a lost life); the observation the episode really ended on is
@@ -729,25 +660,10 @@ def collect_rollout(
             final_obs = torch.as_tensor(np.stack(info["final_obs"][ended]), device=device)
             with torch.inference_mode():
                 final_values = agent.get_value(final_obs)
-            next_values[step, cols][torch.as_tensor(ended, device=device)] = final_values
+            next_values[step][torch.as_tensor(ended, device=device)] = final_values
             episode_stats.extend(finished_games(info))
-        timers.env += t1 - t0
-        timers.inference += time.perf_counter() - t1
-
-    next_obs = next_obs.clone()  # filled in place, group by group
-    update_threads = torch.get_num_threads()
-    if len(env_groups) > 1:  # half the cores for the policy, half for the group that is stepping
-        torch.set_num_threads(max(1, update_threads // 2))
-    try:
-        for step in range(num_steps):
-            for g in range(len(env_groups)):
-                if step > 0:  # group g's previous step ran while the other groups were served
-                    receive(step - 1, g)
-                act(step, g)
-        for g in range(len(env_groups)):
-            receive(num_steps - 1, g)
-    finally:
-        torch.set_num_threads(update_threads)
+        timers.env += t2 - t1
+        timers.inference += (t1 - t0) + (time.perf_counter() - t2)
 
     to_device = lambda array: torch.as_tensor(array, device=device)  # noqa: E731
     episode_ends_t = to_device(episode_ends)
@@ -1053,11 +969,11 @@ def train(args: Args) -> dict:
     is_main = rank == 0
     seed_everything(args.seed + rank, args.torch_deterministic)  # each process samples its own actions
     local_num_envs = args.num_envs // world_size
-    env_groups = make_env_groups(args.env_id, local_num_envs, args.env_backend, args.env_groups)
+    envs = make_vector_env(args.env_id, local_num_envs, args.env_backend)
     run_dir, writer = start_run(args) if is_main else (None, None)
     checkpoint_path = run_dir / "checkpoint.pt" if is_main else None
 
-    agent = Agent(int(env_groups[0].single_action_space.n), args.channels_last).to(device)
+    agent = Agent(int(envs.single_action_space.n), args.channels_last).to(device)
     if world_size > 1:  # identical initial weights everywhere: rank 0's
         for tensor in agent.state_dict().values():
             dist.broadcast(tensor, src=0)
@@ -1078,8 +994,7 @@ def train(args: Args) -> dict:
 
     # Env i of rank r starts from seed + r * local_num_envs + i (+ an offset when resuming).
     env_seed = args.seed + rank * local_num_envs + (start_iteration - 1) * args.num_envs
-    raw_obs = [envs.reset(seed=env_seed + g * envs.num_envs)[0] for g, envs in enumerate(env_groups)]
-    next_obs = torch.as_tensor(np.concatenate(raw_obs), device=device)
+    next_obs = torch.as_tensor(envs.reset(seed=env_seed)[0], device=device)
     num_episodes = 0  # finished games, over all processes
     recent_returns: deque[float] = deque(maxlen=100)
     timers = Timers()
@@ -1100,7 +1015,7 @@ def train(args: Args) -> dict:
 
             # COLLECT TRAJECTORIES
             new_episodes: list[tuple[float, int]] = []  # (score, length) of each game finished
-            rollout, next_obs = collect_rollout(env_groups, agent, next_obs, args.num_steps, timers, new_episodes)
+            rollout, next_obs = collect_rollout(envs, agent, next_obs, args.num_steps, timers, new_episodes)
             global_step += args.batch_size  # over all processes
 
             # CALCULATE ADVANTAGE
@@ -1148,8 +1063,7 @@ def train(args: Args) -> dict:
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
-        for envs in env_groups:
-            envs.close()
+        envs.close()
 
     if status != "diverged":
         save(done)
