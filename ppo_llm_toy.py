@@ -213,6 +213,10 @@ class ConfigError(ValueError):
     """Bad input (flags, checkpoint): main() prints it as one line and exits with code 2."""
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: the run stops and keeps its last good policy."""
+
+
 def require_module(module: str, purpose: str) -> None:
     """Fail early with the install command when an optional package is missing."""
     try:
@@ -1119,6 +1123,10 @@ def load_model(path: str, stage: str, model: nn.Module) -> tuple[nn.Module, dict
 # TRAINING
 
 
+def weights_are_finite(model: nn.Module) -> bool:
+    return all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def select_device(args: Args) -> torch.device:
     return torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
 
@@ -1174,20 +1182,30 @@ def log_iteration(writer, record: dict, history: list[dict], throughput: dict, o
         writer.add_scalar(f"charts/{key}", value, episode)
 
 
-def build_models(args: Args, device, writer, run_dir: Path):
-    """Stages 1 and 2: the SFT model and the (normalized) reward model, trained or loaded."""
+def load_given_checkpoints(args: Args) -> dict:
+    """Load every checkpoint given on the command line before any stage trains, so a bad one is
+    rejected at once. Returns {stage: (model on the CPU, metadata)} for the given ones."""
     config = ModelConfig.from_args(args)
+    given = {}
     if args.sft_checkpoint:
-        sft, _ = load_model(args.sft_checkpoint, "sft", LanguageModel(config))
-        sft = sft.to(device)
+        given["sft"] = load_model(args.sft_checkpoint, "sft", LanguageModel(config))
+    if args.reward_model_checkpoint:
+        reward_model = ScalarModel(config, head_std=1.0 / math.sqrt(args.n_embd + 1))
+        given["reward_model"] = load_model(args.reward_model_checkpoint, "reward_model", reward_model)
+    return given
+
+
+def build_models(args: Args, given: dict, device, writer, run_dir: Path):
+    """Stages 1 and 2: the SFT model and the (normalized) reward model, trained or taken from `given`."""
+    if "sft" in given:
+        sft = given["sft"][0].to(device)
         print(f"SFT model loaded from {args.sft_checkpoint}")
     else:
         sft = train_sft(args, device, writer)
     save_model(run_dir / "sft.pt", sft, "sft")
-    head_std = 1.0 / math.sqrt(args.n_embd + 1)
     normalization = normalization_key(sft, args)
-    if args.reward_model_checkpoint:
-        reward_model, metadata = load_model(args.reward_model_checkpoint, "reward_model", ScalarModel(config, head_std))
+    if "reward_model" in given:
+        reward_model, metadata = given["reward_model"]
         reward_model = reward_model.to(device)
         print(f"reward model loaded from {args.reward_model_checkpoint}")
         if metadata.get("normalized_on") != normalization:
@@ -1205,6 +1223,7 @@ def build_models(args: Args, device, writer, run_dir: Path):
 def train(args: Args) -> dict:
     """Run SFT, the reward model and PPO; return the summary also written to <run>/summary.json."""
     validate_args(args)
+    given = load_given_checkpoints(args)  # before the run folder exists: a rejected input leaves none
     seed_everything(args.seed, args.torch_deterministic)
     torch.set_num_threads(args.num_threads)
     device = select_device(args)
@@ -1234,7 +1253,7 @@ def train(args: Args) -> dict:
     if threading.current_thread() is threading.main_thread():
         previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
-        sft, reward_model = build_models(args, device, writer, run_dir)
+        sft, reward_model = build_models(args, given, device, writer, run_dir)
         # The policy and the reference start as copies of the SFT model; the reference is a
         # distinct, frozen object, so updating the policy can never move it.
         policy = copy.deepcopy(sft).train().requires_grad_(True)
@@ -1257,6 +1276,9 @@ def train(args: Args) -> dict:
     except KeyboardInterrupt:
         summary["status"] = "interrupted"
         print("interrupted: saving the policy and the logs", flush=True)
+    except TrainingDiverged as error:  # run_ppo has put the last good weights back into the policy
+        summary["status"], summary["error"] = "diverged", str(error)
+        raise
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
@@ -1311,7 +1333,14 @@ def run_ppo(args, policy, critic, reference, reward_model, optimizer, kl_control
         # UPDATE NETWORK
         policy.train()
         start = time.perf_counter()
+        last_good_policy = copy.deepcopy(policy.state_dict())  # put back if this update diverges
         history = ppo_update(policy, critic, optimizer, rollout, args)
+        if not all(math.isfinite(stats["loss"]) for stats in history) or not weights_are_finite(policy):
+            policy.load_state_dict(last_good_policy)
+            raise TrainingDiverged(
+                f"the loss became NaN or infinite at iteration {iteration} (episode {episode:,}); stopped, "
+                "the policy before that update is kept"
+            )
         update_time += time.perf_counter() - start
         updated_tokens += rollout.query_responses.numel() * len(history) // args.num_minibatches
         if args.adaptive_kl:
@@ -1366,7 +1395,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
     """tyro.cli(Args), but a rejected command line becomes a one-line ConfigError.
 
     tyro reports unknown flags and invalid choices (e.g. --advantage-estimator foo) in a framed box;
-    its message is kept, the frame dropped, so every bad input reads the same way.
+    its message and its "Perhaps you meant" flags are kept, the frame dropped, so every bad input
+    reads the same way: "Unrecognized options: --kl-cof (did you mean --kl-coef?)".
     """
     captured = io.StringIO()
     try:
@@ -1376,13 +1406,18 @@ def parse_args(argv: list[str] | None = None) -> Args:
         if not e.code:  # --help: nothing went wrong
             sys.stderr.write(captured.getvalue())
             raise
-        lines = []
+        sections = [[]]  # the box's body, split at its horizontal rules
         for line in captured.getvalue().splitlines()[1:]:  # the first line is the box's title
             text = line.strip(" \u2502\u256d\u256e\u2570\u256f")
-            if text.startswith("\u2500") or text.startswith("For full helptext"):
-                break
-            lines.append(text)
-        message = " ".join(" ".join(lines).split()) or "invalid command line (see --help)"
+            if text.startswith("\u2500"):
+                sections.append([])
+            elif text:
+                sections[-1].append(text)
+        message = " ".join(" ".join(sections[0]).split()) or "invalid command line (see --help)"
+        suggestions = [line.split()[0] for section in sections[1:] if section[:1] == ["Perhaps you meant:"]
+                       for line in section[1:] if line.startswith("--")]  # fmt: skip
+        if suggestions:
+            message += f" (did you mean {' or '.join(suggestions)}?)"
         raise ConfigError(message) from None
 
 
@@ -1394,6 +1429,9 @@ def main() -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -516,6 +516,33 @@ def test_checkpoint_of_the_wrong_stage_is_rejected(quick_run, tmp_path):
     args = quick_args(tmp_path, sft_checkpoint=str(run_dir / "reward_model.pt"))
     with pytest.raises(toy.ConfigError, match="not the sft model"):
         toy.train(args)
+    assert not list(tmp_path.iterdir())  # no empty run folder left behind
+
+
+def test_bad_reward_model_checkpoint_is_rejected_before_sft_trains(quick_run, tmp_path, capsys):
+    run_dir = Path(quick_run[0]["run_dir"])
+    args = quick_args(tmp_path, reward_model_checkpoint=str(run_dir / "sft.pt"))  # SFT would be trained first
+    with pytest.raises(toy.ConfigError, match="not the reward_model model"):
+        toy.train(args)
+    assert "SFT:" not in capsys.readouterr().out and not list(tmp_path.iterdir())
+
+
+def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_policy(quick_run, tmp_path):
+    run_dir = Path(quick_run[0]["run_dir"])
+    command = [
+        sys.executable, str(REPO / "ppo_llm_toy.py"), "--runs-dir", str(tmp_path),
+        "--sft-checkpoint", str(run_dir / "sft.pt"), "--reward-model-checkpoint", str(run_dir / "reward_model.pt"),
+        "--learning-rate", "1e6", "--max-grad-norm", "1e9", "--total-episodes", "512", "--eval-prompts", "16",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the loss became NaN or infinite"), result.stderr
+    (new_run,) = tmp_path.iterdir()
+    assert json.loads((new_run / "summary.json").read_text())["status"] == "diverged"
+    policy = torch.load(new_run / "policy.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(tensor).all() for tensor in policy.values())
 
 
 @pytest.mark.parametrize(
@@ -524,7 +551,9 @@ def test_checkpoint_of_the_wrong_stage_is_rejected(quick_run, tmp_path):
         ["--response-length", "40"],
         ["--advantage-estimator", "foo"],
         ["--bad-flag"],
+        ["--kl-cof", "0"],
         ["--sft-checkpoint", "/nonexistent/sft.pt"],
+        ["--max-grad-norm", "0"],
     ],
 )
 def test_bad_command_line_gives_one_error_line_and_exit_code_2(tmp_path, flags):
@@ -536,6 +565,9 @@ def test_bad_command_line_gives_one_error_line_and_exit_code_2(tmp_path, flags):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert not list(tmp_path.iterdir())  # no empty run folder left behind
+    if flags[0] == "--kl-cof":  # tyro's suggestion survives in the one line
+        assert "did you mean --kl-coef?" in lines[0]
 
 
 def test_track_without_wandb_asks_to_install_it(tmp_path, monkeypatch):
