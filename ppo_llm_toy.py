@@ -1173,6 +1173,7 @@ def log_iteration(writer, record: dict, history: list[dict], throughput: dict, o
     for key in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"):
         mean = sum(stats[key] for stats in history) / len(history)  # over all minibatches
         writer.add_scalar(f"losses/{key}", mean, episode)
+    writer.add_scalar("losses/first_minibatch_ratio_deviation", record["first_minibatch_ratio_deviation"], episode)
     writer.add_scalar("charts/beta", record["beta"], episode)
     writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], episode)
     writer.add_scalar("charts/eos_rate", record["eos_rate"], episode)
@@ -1351,7 +1352,9 @@ def run_ppo(args, policy, critic, reference, reward_model, optimizer, kl_control
         record = {"iteration": iteration, "episode": episode, **rollout_stats,
                   "gold": quality["gold"], "validity": quality["validity"],
                   "eos_rate": quality["eos_rate"], "response_length": quality["response_length"],
-                  "beta": kl_controller.value}  # fmt: skip
+                  "beta": kl_controller.value,
+                  # max |ratio - 1| on the update's first minibatch: 0 unless rollout and update disagree
+                  "first_minibatch_ratio_deviation": history[0]["ratio_max_deviation"]}  # fmt: skip
         results["history"].append(record)
         throughput = {"sampling_tokens_per_s": sampled_tokens / sampling_time,
                       "update_tokens_per_s": updated_tokens / update_time}  # fmt: skip
@@ -1361,7 +1364,8 @@ def run_ppo(args, policy, critic, reference, reward_model, optimizer, kl_control
         print(
             f"iteration {iteration:>3}/{args.num_iterations} | {format_duration(elapsed)} ETA "
             f"{format_duration(eta)} | score {record['score']:+.2f} gold {record['gold']:+.2f} valid "
-            f"{record['validity']:.0%} | KL {record['kl']:.2f} beta {kl_controller.value:.3f}",
+            f"{record['validity']:.0%} | KL {record['kl']:.2f} beta {kl_controller.value:.3f} | first-minibatch "
+            f"|ratio-1| {record['first_minibatch_ratio_deviation']:.2g}",
             flush=True,
         )
         if iteration % args.eval_interval == 0 and iteration != args.num_iterations:

@@ -421,9 +421,11 @@ def test_tensorboard_tags(quick_run):
         "objective/score", "objective/kl", "objective/kl_exact", "objective/gold",
         "objective/validity", "losses/policy_loss", "losses/value_loss", "losses/entropy",
         "losses/approx_kl", "losses/clipfrac", "charts/eos_rate", "charts/response_length",
-        "eval/kl_k3", "eval/distinct_2", "charts/sampling_tokens_per_s",
+        "eval/kl_k3", "eval/distinct_2", "charts/sampling_tokens_per_s", "losses/first_minibatch_ratio_deviation",
     ):  # fmt: skip
         assert tag in tags, tag
+    deviations = [event.value for event in accumulator.Scalars("losses/first_minibatch_ratio_deviation")]
+    assert len(deviations) == quick_run[0]["iterations"] and all(value == 0.0 for value in deviations)
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "rloo"])
