@@ -164,7 +164,7 @@ class Args:
     norm_adv: bool = True
     """whiten the GAE advantages over the valid response tokens of the rollout (gae only: grpo/rloo keep theirs)"""
     whiten_rewards: bool = False
-    """rescale the per-token rewards to std 1 over valid tokens, keeping their mean, before GAE (lm-human-preferences)"""
+    """rescale the per-token rewards to std 1 over valid tokens, keeping their mean, before GAE (lm-human-prefs)"""
     clip_coef: float = 0.2
     """the surrogate clipping coefficient epsilon (also clips the value loss)"""
     clip_vloss: bool = True
@@ -965,7 +965,11 @@ def sample_and_score(policy, reference, reward_model, prompts, args: Args, devic
 
 
 def text_metrics(batch: dict) -> dict:
-    """Exact quality of sampled text: validity, gold score, EOS rate, length, distinct-2, and texts."""
+    """Exact quality of sampled text: validity, gold score, EOS rate, length, distinct-2, and texts.
+
+    gold_valid is the gold score of the valid responses alone (None if there is none): every invalid
+    text scores GOLD_INVALID, so "gold" mixes the quality of good text with how much text stops being good.
+    """
     texts, valid, gold, bigrams, num_bigrams = [], [], [], set(), 0
     for row, ended in zip(batch["query_responses"].tolist(), batch["has_eos"].tolist(), strict=True):
         words = decode(row)
@@ -979,6 +983,7 @@ def text_metrics(batch: dict) -> dict:
     return {
         "validity": sum(valid) / n,
         "gold": sum(gold) / n,
+        "gold_valid": sum(g for g, v in zip(gold, valid, strict=True) if v) / sum(valid) if any(valid) else None,
         "eos_rate": batch["has_eos"].float().mean().item(),
         "response_length": batch["response_mask"].sum(1).float().mean().item(),
         "distinct_2": len(bigrams) / max(num_bigrams, 1),
@@ -1148,13 +1153,14 @@ def format_duration(seconds: float) -> str:
 
 def log_eval(writer, prefix: str, metrics: dict, step: int) -> None:
     for key, value in metrics.items():
-        if key != "texts":
+        if key != "texts" and value is not None:
             writer.add_scalar(f"{prefix}/{key}", value, step)
 
 
 def print_eval(title: str, metrics: dict, num_texts: int) -> None:
     print(
-        f"{title}: proxy {metrics['proxy']:+.2f} | gold {metrics['gold']:+.2f} | valid "
+        f"{title}: proxy {metrics['proxy']:+.2f} | gold {metrics['gold']:+.2f} (valid ones "
+        f"{metrics['gold_valid'] if metrics['gold_valid'] is not None else float('nan'):+.2f}) | valid "
         f"{metrics['validity']:.1%} | EOS {metrics['eos_rate']:.1%} | length "
         f"{metrics['response_length']:.1f} | distinct-2 {metrics['distinct_2']:.2f} | KL k1 "
         f"{metrics['kl_k1']:.2f} k3 {metrics['kl_k3']:.2f} exact {metrics['kl_exact']:.2f}"
@@ -1166,8 +1172,9 @@ def print_eval(title: str, metrics: dict, num_texts: int) -> None:
 def log_iteration(writer, record: dict, history: list[dict], throughput: dict, optimizer, args):
     """TensorBoard scalars of one PPO iteration, at x = responses sampled so far."""
     episode = record["episode"]
-    for key in ("score", "kl", "kl_exact", "non_score_reward", "entropy", "gold", "validity"):
-        writer.add_scalar(f"objective/{key}", record[key], episode)
+    for key in ("score", "kl", "kl_exact", "non_score_reward", "entropy", "gold", "gold_valid", "validity"):
+        if record[key] is not None:
+            writer.add_scalar(f"objective/{key}", record[key], episode)
     rlhf_reward = record["score"] + record["non_score_reward"]
     writer.add_scalar("objective/rlhf_reward", rlhf_reward, episode)
     for key in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"):
@@ -1350,7 +1357,7 @@ def run_ppo(args, policy, critic, reference, reward_model, optimizer, kl_control
         # LOG
         quality = text_metrics(batch)
         record = {"iteration": iteration, "episode": episode, **rollout_stats,
-                  "gold": quality["gold"], "validity": quality["validity"],
+                  "gold": quality["gold"], "gold_valid": quality["gold_valid"], "validity": quality["validity"],
                   "eos_rate": quality["eos_rate"], "response_length": quality["response_length"],
                   "beta": kl_controller.value,
                   # max |ratio - 1| on the update's first minibatch: 0 unless rollout and update disagree

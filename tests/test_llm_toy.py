@@ -79,6 +79,18 @@ def test_grammar_samples_are_valid_and_tokenizer_round_trips():
     assert not toy.is_valid(decoded)
 
 
+def test_text_metrics_report_the_gold_score_of_valid_responses_apart():
+    texts = ["the kind cat loves the dog .", "the sad cat sees the dog .", "the good good good cat loves the dog ."]
+    tokens, mask = toy.left_pad([[toy.BOS, *toy.encode(words(text)), toy.EOS] for text in texts])
+    batch = {"query_responses": tokens, "response_mask": mask, "has_eos": torch.tensor([True, True, True])}
+    metrics = toy.text_metrics(batch)
+    assert metrics["validity"] == pytest.approx(2 / 3)
+    assert metrics["gold"] == pytest.approx((2.0 - 1.0 + toy.GOLD_INVALID) / 3)
+    assert metrics["gold_valid"] == pytest.approx(0.5)  # the invalid text does not count
+    batch["has_eos"] = torch.tensor([False, False, False])  # nothing finished: no valid response
+    assert toy.text_metrics(batch)["gold_valid"] is None
+
+
 # PADDING, POSITIONS, KV CACHE
 
 
@@ -419,7 +431,8 @@ def test_tensorboard_tags(quick_run):
     tags = set(accumulator.Tags()["scalars"])
     for tag in (
         "objective/score", "objective/kl", "objective/kl_exact", "objective/gold",
-        "objective/validity", "losses/policy_loss", "losses/value_loss", "losses/entropy",
+        "objective/validity", "objective/gold_valid", "eval/gold_valid", "losses/policy_loss",
+        "losses/value_loss", "losses/entropy",
         "losses/approx_kl", "losses/clipfrac", "charts/eos_rate", "charts/response_length",
         "eval/kl_k3", "eval/distinct_2", "charts/sampling_tokens_per_s", "losses/first_minibatch_ratio_deviation",
     ):  # fmt: skip
