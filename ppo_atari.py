@@ -32,17 +32,20 @@ Data parallel over several processes (GPUs: one per process, NCCL; CPU: gloo), -
     torchrun --standalone --nproc_per_node 2 ppo_atari.py --num-envs 8
 
 Preprocessing (Mnih et al. 2015; settings discussed by Machado et al. 2018, arXiv:1709.06009):
-no-op reset (up to 30 random no-op frames), max-and-skip 4 (an action repeated 4 frames, the
-observation is the pixel-wise max of the last two: sprites that flicker between frames stay
-visible), 84x84 grayscale, 4-frame stack, FIRE after a reset in games that need it, life loss as
-episode end for learning (the game goes on), rewards clipped to their sign. The episodic return
-reported everywhere is the full game's unclipped score. Two environment paths give these semantics:
+no-op reset (random no-op frames), max-and-skip 4 (an action repeated 4 frames, the observation is
+the pixel-wise max of the last two: sprites that flicker between frames stay visible), 84x84
+grayscale, 4-frame stack, FIRE at the start of every game and after every lost life in games that
+have FIRE (Breakout serves no ball until it is pressed), life loss as episode end for learning (the
+game goes on), rewards clipped to their sign. The episodic return reported everywhere is the full
+game's unclipped score; its length counts the game's steps, the FIRE presses included. Two
+environment paths give these semantics:
 - `--env-backend ale_vector` (default, fast): ale-py's `AtariVectorEnv`, C++ threads doing the
-  preprocessing natively;
-- `--env-backend gymnasium` (readable): a gymnasium wrapper stack in which each detail is one wrapper.
-They differ in one detail of the reset only: ale-py's C++ env presses FIRE for one frame and then
-waits 0-28 no-op frames, the gymnasium stack waits 1-30 no-op frames and then presses FIRE for one
-step of 4 frames (the order of OpenAI baselines). NoFrameskip-v4 ids have no sticky actions; v5 ids
+  preprocessing natively, one single-game env per env so that one of them can press FIRE alone;
+- `--env-backend gymnasium` (readable): a gymnasium wrapper stack in which each detail is one
+  wrapper, named as in Huang et al.
+They differ in one detail of the reset only: a new game starts with 0-29 random no-op frames on the
+fast path (ale-py's C++ env) and 1-30 on the readable one (NoopReset, as OpenAI baselines); then
+both press FIRE for one step of 4 frames. NoFrameskip-v4 ids have no sticky actions; v5 ids
 (`ALE/Breakout-v5`) keep theirs (repeat probability 0.25, Machado et al.); either way the id's own
 frameskip is replaced by max-and-skip 4.
 
@@ -235,7 +238,7 @@ def validate_args(args: Args) -> None:
     if args.eval_episodes < 1:
         raise ConfigError(f"--eval-episodes must be at least 1, got {args.eval_episodes}")
     if args.env_backend == "gymnasium" or args.capture_video:
-        # gymnasium's AtariPreprocessing resizes with OpenCV; videos are recorded on that path too.
+        # gymnasium's ResizeObservation resizes with OpenCV; videos are recorded on that path too.
         require_module("cv2", "the gymnasium wrapper stack", "opencv-python-headless")
     if args.track:
         require_module("wandb", "--track")
@@ -275,110 +278,243 @@ def check_env_id(env_id: str) -> dict:
     }
 
 
-class FireOnReset(gym.Wrapper):
-    """Press FIRE once after each reset in games that have FIRE: Breakout, for one, serves no ball
-    until it is pressed, and an agent that has not learned that yet idles through whole games."""
+class NoopReset(gym.Wrapper):
+    """NoopResetEnv (detail 1 of the Atari details of Huang et al.): a new game starts after 1 to
+    noop_max random no-op frames (this wrapper sits under the frame skip), so that the games do not
+    all start from the same state (Mnih et al. 2015)."""
+
+    def __init__(self, env: gym.Env, noop_max: int = 30):
+        super().__init__(env)
+        self.noop_max = noop_max
 
     def reset(self, **kwargs):
-        self.env.reset(**kwargs)
-        obs, _, terminated, truncated, info = self.env.step(1)  # action 1 is FIRE in ALE's sets
-        if terminated or truncated:
-            obs, info = self.env.reset(**kwargs)
+        obs, info = self.env.reset(**kwargs)
+        for _ in range(self.unwrapped.np_random.integers(1, self.noop_max + 1)):
+            obs, _, terminated, truncated, info = self.env.step(0)  # action 0 is NOOP in ALE's sets
+            if terminated or truncated:
+                obs, info = self.env.reset()
         return obs, info
 
 
+class MaxAndSkip(gym.Wrapper):
+    """MaxAndSkipEnv (detail 2): each action is repeated for `skip` frames and their rewards summed;
+    the observation is the pixel-wise max of the last two frames, because some sprites are drawn
+    only every other frame and the max keeps them visible."""
+
+    def __init__(self, env: gym.Env, skip: int = 4):
+        super().__init__(env)
+        self.skip = skip
+
+    def step(self, action):
+        frames, total_reward = [], 0.0
+        for _ in range(self.skip):
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            frames.append(obs)
+            total_reward += reward
+            if terminated or truncated:
+                break
+        return np.max(frames[-2:], axis=0), total_reward, terminated, truncated, info
+
+
 class EpisodicLife(gym.Wrapper):
-    """A lost life ends the episode for learning (terminated=True, bootstrap value 0) but not the
-    game (Mnih et al. 2015): the vector env then calls reset(), which starts a new game only when the
-    game is really over and otherwise returns the last observation, so play goes on from there."""
+    """EpisodicLifeEnv (detail 3): a lost life ends the episode for learning (terminated=True,
+    bootstrap value 0) but not the game (Mnih et al. 2015): the vector env then calls reset(), which
+    right after a lost life returns the last observation, so play goes on from there, and otherwise
+    (game over, time limit, a first or seeded reset) starts a new game."""
 
     def __init__(self, env: gym.Env):
         super().__init__(env)
-        self.lives, self.game_over, self.last = 0, True, None
+        self.lives, self.life_lost, self.last = 0, False, None
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
-        self.game_over = terminated or truncated
         lives = self.env.unwrapped.ale.lives()
-        life_lost = 0 < lives < self.lives  # lives reach 0 only with the game's own termination
+        # Lives reach 0 only with the game's own termination, which is no lost life but game over.
+        self.life_lost = 0 < lives < self.lives and not (terminated or truncated)
         self.lives, self.last = lives, (obs, {"lives": lives})
-        return obs, reward, terminated or life_lost, truncated, info
+        return obs, reward, terminated or self.life_lost, truncated, info
 
     def reset(self, **kwargs):
-        if not self.game_over:
+        if self.life_lost:
+            self.life_lost = False
             return self.last
         obs, info = self.env.reset(**kwargs)
         self.lives = self.env.unwrapped.ale.lives()
         return obs, info
 
 
+class FireReset(gym.Wrapper):
+    """FireResetEnv (detail 4): press FIRE after every reset. This wrapper sits outside
+    EpisodicLife, as in the reference, so a reset means the start of a game or a lost life, and FIRE
+    is pressed after both: Breakout serves no ball until it is, and an agent that has not learned
+    that yet would idle until the time limit. The press is part of the reset, never a step the
+    agent is trained on; its reward (0 in practice) counts in the game's score only. (The reference
+    also takes a no-op step and an action-2 step around it: 8 more frames, left out here.)"""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.fire = env.unwrapped.get_action_meanings().index("FIRE")
+
+    def reset(self, **kwargs):
+        self.env.reset(**kwargs)
+        obs, _, terminated, truncated, info = self.env.step(self.fire)
+        if terminated or truncated:  # the press itself ended the episode: go on from what follows
+            obs, info = self.env.reset()
+        return obs, info
+
+
+class ClipReward(gym.RewardWrapper):
+    """ClipRewardEnv (detail 6): the learner gets the sign of each reward, -1, 0 or +1, so that one
+    set of hyperparameters fits games whose scores differ by orders of magnitude (Mnih et al. 2015)."""
+
+    def reward(self, reward):
+        return float(np.sign(reward))
+
+
 def make_atari_env(env_id: str, video_dir: Path | None = None) -> gym.Env:
-    """The readable path: one game with each preprocessing step a wrapper, innermost first."""
-    # frameskip=1: the frames are skipped (and max-pooled) by AtariPreprocessing, not by the ALE.
-    env = gym.make(env_id, frameskip=1, render_mode="rgb_array" if video_dir else None)
+    """The readable path: one game, each Atari detail one wrapper, innermost first."""
+    # frameskip=1: frames are skipped (and max-pooled) by MaxAndSkip, not by the ALE. Grayscale
+    # screens come from the emulator's palette, as in ale-py's C++ path; gymnasium's
+    # GrayscaleObservation weighs RGB differently, and the two paths would no longer see the same pixels.
+    env = gym.make(env_id, frameskip=1, obs_type="grayscale", render_mode="rgb_array" if video_dir else None)
     if video_dir is not None:  # innermost: every frame, one video per game
         env = gym.wrappers.RecordVideo(env, str(video_dir), episode_trigger=lambda _: True)
-    # No-op reset (1..30 random no-ops), max-and-skip 4 (max over the last two frames), 84x84 gray,
-    # pixels stay uint8. Its own life-loss option would reset the whole game, so it is off here.
-    env = gym.wrappers.AtariPreprocessing(
-        env, noop_max=30, frame_skip=4, screen_size=84, terminal_on_life_loss=False,
-        grayscale_obs=True, scale_obs=False,
-    )  # fmt: skip
-    if "FIRE" in env.unwrapped.get_action_meanings():
-        env = FireOnReset(env)
-    # (4, 84, 84), oldest frame first; zeros before the first frame, as ale-py's vector env does.
+    env = NoopReset(env, noop_max=30)
+    env = MaxAndSkip(env, skip=4)
+    # WarpFrame (detail 5): 84x84 gray (gray from the emulator above), INTER_AREA as in ale-py's C++.
+    env = gym.wrappers.ResizeObservation(env, (84, 84))
+    # FrameStack (detail 7): (4, 84, 84), oldest frame first, zeros before the first frame, as in
+    # ale-py's vector env. Inside EpisodicLife (the reference has it outermost), so that a lost life
+    # does not empty the stack: the game goes on, and so does its picture.
     env = gym.wrappers.FrameStackObservation(env, 4, padding_type="zero")
     # Inside EpisodicLife, so it sees whole games: the full-game, unclipped score and its length.
     env = gym.wrappers.RecordEpisodeStatistics(env)
     env = EpisodicLife(env)
-    return gym.wrappers.TransformReward(env, lambda reward: float(np.sign(reward)))
+    if "FIRE" in env.unwrapped.get_action_meanings():
+        env = FireReset(env)
+    return ClipReward(env)
 
 
-class AleVectorGameStatistics(gym.vector.VectorWrapper):
-    """The fast path's counterpart of RecordEpisodeStatistics + sign clipping.
+class AleVectorEnv(gym.vector.VectorEnv):
+    """The fast path: ale-py's C++ emulators and preprocessing, with the readable path's semantics.
 
-    AtariVectorEnv runs with raw rewards and `life_loss_info`: a lost life is reported as a
-    termination without resetting the game. This wrapper adds up the raw score of each game, reports
-    finished games in info["final_info"]["episode"] exactly where the gymnasium path reports them,
-    and returns the sign-clipped reward. A game is over when it was truncated, or when it terminated
-    without losing a life: after a real game over the env has reset, so the lives count (now the
-    new game's) did not drop.
+    Each env is a single-game `AtariVectorEnv` of ale-py (one C++ thread each): all are sent their
+    actions and then all are received, so the games run in parallel, and a single game can be
+    stepped alone, which pressing FIRE after a lost life needs (ale-py's own options cannot: its
+    `episodic_life` restarts the whole game on a lost life, its `use_fire_reset` presses FIRE at the
+    start of a game only). The C++ side does no-op reset, max-and-skip 4, 84x84 gray and the stack
+    of 4, and reports a lost life as terminated=True with the game going on (`life_loss_info`,
+    detail 3). This class adds what the readable path's outer wrappers add:
+    - FIRE (detail 4) in each env whose episode ended (lost life or new game), before the agent
+      sees its next observation: the press is part of the reset, never a step of the rollout;
+    - each finished game's full, unclipped score and length in info["final_info"]["episode"], as
+      RecordEpisodeStatistics reports them, and the true last observation in info["final_obs"];
+    - sign-clipped rewards (detail 6).
     """
 
-    def __init__(self, env: gym.vector.VectorEnv):
-        super().__init__(env)
-        self.scores = np.zeros(self.num_envs, np.float64)
-        self.lengths = np.zeros(self.num_envs, np.int64)
-        self.lives = np.zeros(self.num_envs, np.int64)
+    def __init__(self, settings: dict, num_envs: int):
+        from ale_py.vector_env import AtariVectorEnv
 
-    def reset(self, **kwargs):
-        obs, info = self.env.reset(**kwargs)
-        self.scores[:], self.lengths[:], self.lives[:] = 0, 0, info["lives"]
-        return obs, info
+        self.games = [
+            AtariVectorEnv(
+                settings["game"], 1, num_threads=1, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+                repeat_action_probability=settings["repeat_action_probability"],
+                full_action_space=settings["full_action_space"],
+                max_num_frames_per_episode=settings["max_num_frames_per_episode"],
+                img_height=84, img_width=84, grayscale=True, stack_num=4, frameskip=4, maxpool=True,
+                noop_max=30, use_fire_reset=False, reward_clipping=False, episodic_life=False,
+                life_loss_info=True,
+            )
+            for _ in range(num_envs)
+        ]  # fmt: skip
+        self.num_envs = num_envs
+        self.single_observation_space = self.games[0].single_observation_space
+        self.single_action_space = self.games[0].single_action_space
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, num_envs)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
+        self.metadata = {"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
+        action_set = self.games[0].ale.get_action_set()
+        self.fire = action_set.index(ale_py.Action.FIRE) if ale_py.Action.FIRE in action_set else None
+        self.scores = np.zeros(num_envs, np.float64)  # raw score of the game so far
+        self.lengths = np.zeros(num_envs, np.int64)  # steps of the game so far
+        self.frames = np.zeros((num_envs, 2), np.int64)  # the emulator's frame counters after the last step
 
-    def step(self, actions):
-        obs, reward, terminated, truncated, info = self.env.step(actions)
-        self.scores += reward
-        self.lengths += 1
-        game_over = truncated | (terminated & (info["lives"] >= self.lives))
-        self.lives[:] = info["lives"]
-        life_lost = terminated & ~game_over
-        if life_lost.any():
-            # ale-py 0.12 fills final_obs only for envs it reset; after a lost life the game goes
-            # on and the observation reached is obs itself (what the gymnasium path reports too).
-            info["final_obs"] = np.where(life_lost[:, None, None, None], obs, info["final_obs"])
+    def reset(self, *, seed: int | None = None, options=None):
+        results = [game.reset(seed=None if seed is None else seed + i) for i, game in enumerate(self.games)]
+        obs, info = np.concatenate([r[0] for r in results]), self.merge_info([r[1] for r in results])
+        self.scores[:], self.lengths[:] = 0, 0
+        self.frames[:] = np.stack([info["frame_number"], info["episode_frame_number"]], 1)
+        return self.press_fire(obs, info, np.ones(self.num_envs, bool))
+
+    def step(self, actions: np.ndarray):
+        obs, reward, terminated, truncated, info, game_over = self.step_games(actions, np.arange(self.num_envs))
+        ended = terminated | truncated
+        final_obs = info.pop("final_obs")
+        if ended.any():
+            # The true last observation: where the game is over, the one before ale-py's reset;
+            # after a lost life the game goes on, and it is obs itself (before the FIRE below).
+            info["final_obs"] = np.where(game_over[:, None, None, None], final_obs, obs)
         if game_over.any():
             episode = {"r": self.scores.copy(), "l": self.lengths.copy()}
             info["final_info"] = {"episode": episode, "_episode": game_over}
             self.scores[game_over], self.lengths[game_over] = 0, 0
+        obs, fire_info = self.press_fire(obs, info, ended)
+        for key in ("lives", "frame_number", "episode_frame_number"):
+            info[key] = fire_info[key]
         return obs, np.sign(reward).astype(np.float32), terminated, truncated, info
+
+    def press_fire(self, obs: np.ndarray, info: dict, which: np.ndarray):
+        """FIRE for one step in the envs `which` (in games that have FIRE); returns (obs, info)."""
+        if self.fire is None or not which.any():
+            return obs, info
+        actions = np.full(self.num_envs, self.fire)
+        indices = np.flatnonzero(which)
+        fire_obs, _, _, _, fire_info, game_over = self.step_games(actions, indices)
+        self.scores[indices[game_over]], self.lengths[indices[game_over]] = 0, 0  # the press ended the game
+        obs, info = obs.copy(), {key: value.copy() for key, value in info.items()}
+        obs[which] = fire_obs
+        for key in ("lives", "frame_number", "episode_frame_number"):
+            info[key][which] = fire_info[key]
+        return obs, info
+
+    def step_games(self, actions: np.ndarray, indices: np.ndarray):
+        """Step the games `indices` with their actions, all in parallel; count score and length.
+
+        Returns their (obs, reward, terminated, truncated, info) and `game_over`: where the game
+        ended, whatever its lives. The emulator counts frames twice, in all and in this game; where
+        the two did not advance alike, ale-py reset the game at this step.
+        """
+        for i in indices:
+            self.games[i].send(actions[i : i + 1])
+        results = [self.games[i].recv() for i in indices]
+        obs = np.concatenate([r[0] for r in results])
+        reward, terminated, truncated = (np.concatenate([r[k] for r in results]) for k in (1, 2, 3))
+        info = self.merge_info([r[4] for r in results])
+        info["final_obs"] = np.concatenate([r[4].get("final_obs", r[0]) for r in results])
+        frames = np.stack([info["frame_number"], info["episode_frame_number"]], 1)
+        advanced = frames - self.frames[indices]
+        game_over = advanced[:, 0] != advanced[:, 1]
+        self.frames[indices] = frames
+        self.scores[indices] += reward
+        self.lengths[indices] += 1
+        return obs, reward, terminated, truncated, info, game_over
+
+    @staticmethod
+    def merge_info(infos: list[dict]) -> dict:
+        keys = ("lives", "frame_number", "episode_frame_number")
+        return {key: np.concatenate([info[key] for info in infos]) for key in keys}
+
+    def close(self, **kwargs):
+        for game in self.games:
+            game.close()
 
 
 def make_vector_env(env_id: str, num_envs: int, backend: str, video_dir: Path | None = None) -> gym.vector.VectorEnv:
     """num_envs copies of the game with the Atari preprocessing, by either path.
 
     Both give uint8 observations (num_envs, 4, 84, 84), sign-clipped rewards, terminated=True on a
-    lost life, finished games in info["final_info"]["episode"], and SAME_STEP autoreset: when an
+    lost life, FIRE pressed after every episode end as part of the reset, finished games in
+    info["final_info"]["episode"], and SAME_STEP autoreset: when an
     episode ends, step() already returns the next observation and the true last observation is in
     info["final_obs"], so every step of the rollout is a real transition.
     """
@@ -388,20 +524,7 @@ def make_vector_env(env_id: str, num_envs: int, backend: str, video_dir: Path | 
             [lambda: make_atari_env(env_id, video_dir) for _ in range(num_envs)],
             autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
         )
-    from ale_py.vector_env import AtariVectorEnv
-
-    envs = AtariVectorEnv(
-        settings["game"], num_envs,
-        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
-        repeat_action_probability=settings["repeat_action_probability"],
-        full_action_space=settings["full_action_space"],
-        max_num_frames_per_episode=settings["max_num_frames_per_episode"],
-        img_height=84, img_width=84, grayscale=True, stack_num=4, frameskip=4, maxpool=True,
-        noop_max=30, use_fire_reset=True, reward_clipping=False,
-        episodic_life=False,  # True would reset the whole game on a lost life
-        life_loss_info=True,  # terminated=True on a lost life, the game goes on
-    )  # fmt: skip
-    return AleVectorGameStatistics(envs)
+    return AleVectorEnv(settings, num_envs)
 
 
 def finished_games(info: dict) -> list[tuple[float, int]]:

@@ -84,8 +84,8 @@ def test_observation_format_and_frame_stack_order(backend):
     assert envs.metadata["autoreset_mode"] == pa.gym.vector.AutoresetMode.SAME_STEP
     obs, _ = envs.reset(seed=0)
     assert obs.shape == (2, 4, 84, 84) and obs.dtype == np.uint8
-    # A new game: the 3 older slots are zero padding, the newest frame is last.
-    assert not obs[:, :3].any() and obs[:, 3].any()
+    # A new game: the 2 older slots are zero padding, then the first frame and the frame after FIRE.
+    assert not obs[:, :2].any() and obs[:, 2].any() and obs[:, 3].any()
     for _ in range(5):
         new_obs, *_ = envs.step(np.array([2, 3]))
         assert np.array_equal(new_obs[:, :3], obs[:, 1:])  # oldest first, shifted by one
@@ -96,9 +96,9 @@ def test_observation_format_and_frame_stack_order(backend):
 
 @pytest.mark.parametrize(
     ("backend", "fire_frames", "noop_range"),
-    # gymnasium's AtariPreprocessing: 1-30 no-op frames, then our FIRE step of 4 frames.
-    # ale-py's vector env (src/ale/vector/preprocessed_env.cpp): 1 FIRE frame, then 0-28 no-ops.
-    [("gymnasium", 4, (1, 30)), ("ale_vector", 1, (0, 28))],
+    # NoopReset: 1-30 no-op frames; ale-py's vector env (src/ale/vector/preprocessed_env.cpp) without
+    # its own FIRE: 0-29. Then the FIRE step of 4 frames on both paths.
+    [("gymnasium", 4, (1, 30)), ("ale_vector", 4, (0, 29))],
 )
 def test_noop_reset_takes_up_to_30_noop_frames(backend, fire_frames, noop_range):
     envs = pa.make_vector_env("BreakoutNoFrameskip-v4", 8, backend)
@@ -138,8 +138,9 @@ def test_max_and_skip_pools_the_last_two_of_four_frames():
 
 def test_both_paths_compute_the_same_pixels():
     """With the reset's randomness off (no no-ops, no FIRE) and the settings make_vector_env uses,
-    ale-py's C++ preprocessing and gymnasium's wrappers give identical pixels for the same actions:
-    the same max over the last two frames, grayscale palette, INTER_AREA resize and stack order."""
+    ale-py's C++ preprocessing and the readable path's wrappers give identical pixels for the same
+    actions: the same max over the last two frames, grayscale palette, INTER_AREA resize and stack
+    order."""
     from ale_py.vector_env import AtariVectorEnv
 
     fast = AtariVectorEnv(
@@ -147,8 +148,9 @@ def test_both_paths_compute_the_same_pixels():
         img_height=84, img_width=84, grayscale=True, repeat_action_probability=0.0,
         autoreset_mode=pa.gym.vector.AutoresetMode.SAME_STEP,
     )  # fmt: skip
-    readable = pa.gym.make("BreakoutNoFrameskip-v4", frameskip=1)
-    readable = pa.gym.wrappers.AtariPreprocessing(readable, noop_max=0, frame_skip=4, screen_size=84)
+    readable = pa.gym.make("BreakoutNoFrameskip-v4", frameskip=1, obs_type="grayscale")
+    readable = pa.MaxAndSkip(readable, skip=4)
+    readable = pa.gym.wrappers.ResizeObservation(readable, (84, 84))
     readable = pa.gym.wrappers.FrameStackObservation(readable, 4, padding_type="zero")
     obs_fast, _ = fast.reset(seed=0)
     obs_readable, _ = readable.reset(seed=0)
@@ -175,11 +177,12 @@ def play_one_game(backend: str, env_id: str, policy) -> dict:
         if terminated[0] and not games:  # a lost life: the learning episode ends, the game goes on
             life_losses += 1
             assert int(info["lives"][0]) == lives - life_losses
-            assert np.array_equal(info["final_obs"][0], new_obs[0])  # no reset happened
-            assert np.array_equal(new_obs[0, :3], obs[0, 1:])  # the same game goes on
+            final_obs = info["final_obs"][0]
+            assert np.array_equal(final_obs[:3], obs[0, 1:])  # the step the agent took ...
+            assert np.array_equal(new_obs[0, :3], final_obs[1:])  # ... then FIRE, in the same game
         if games:
             assert terminated[0] or truncated[0]
-            assert not new_obs[0, :3].any()  # the next game starts
+            assert not new_obs[0, :2].any()  # the next game starts (first frame, then FIRE)
             envs.close()
             return {"game": games[0], "steps": steps, "rewards": rewards,
                     "life_losses": life_losses, "lives": lives}  # fmt: skip
@@ -192,24 +195,34 @@ def test_life_loss_ends_the_learning_episode_but_not_the_game_and_score_is_uncli
     result = play_one_game(backend, "SpaceInvadersNoFrameskip-v4", lambda _: rng.integers(0, 6, 1))
     score, length = result["game"]
     assert result["lives"] == 3 and result["life_losses"] == 2  # 3 lives, one game
-    assert length == result["steps"]  # the reported length spans all lives
+    assert length == result["steps"] + 3  # all lives, and the FIRE pressed at the start and after each lost life
     assert set(result["rewards"]) <= {-1.0, 0.0, 1.0}  # the learner gets sign-clipped rewards
     # Invaders are worth 5 to 30 points: the reported full-game score is the raw one.
     assert score >= 5 * sum(result["rewards"]) > 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fire_on_reset_serves_the_first_ball_only(backend):
+def noop_only_events(backend: str, steps: int) -> list[tuple[int, int, bool]]:
+    """(step, lives, game over) at every episode end of an agent that only ever sends NOOP."""
     envs = pa.make_vector_env("BreakoutNoFrameskip-v4", 1, backend)
     envs.reset(seed=0)
-    lost = 0
-    for _ in range(300):  # NOOP only: the agent itself never presses FIRE
-        _, _, terminated, _, info = envs.step(np.array([0]))
-        lost += int(terminated[0])
+    events = []
+    for step in range(steps):
+        _, _, terminated, truncated, info = envs.step(np.array([0]))
+        if terminated[0] or truncated[0]:
+            events.append((step, int(info["lives"][0]), bool(pa.finished_games(info))))
     envs.close()
-    # FIRE at the game's start serves one ball, which is lost; nobody serves the next one.
-    # (No FIRE at all: 0 lives lost; FIRE after each lost life too: 5.)
-    assert lost == 1 and int(info["lives"][0]) == 4
+    return events
+
+
+def test_fire_serves_the_ball_at_the_start_and_after_every_lost_life():
+    events = {backend: noop_only_events(backend, 600) for backend in BACKENDS}
+    # The agent itself never presses FIRE: the env serves every ball, so it loses life after life
+    # and finishes games (FIRE only at the start of a game would stall after the first lost life).
+    games = [event for event in events["ale_vector"] if event[2]]
+    assert len(games) >= 4
+    lives = [lives for _, lives, _ in events["ale_vector"]]
+    assert lives[:10] == [4, 3, 2, 1, 5, 4, 3, 2, 1, 5]  # game over after the 5th ball: a new game, 5 lives
+    assert events["gymnasium"] == events["ale_vector"]  # the same lives and episode ends, step for step
 
 
 def test_both_paths_agree_on_a_whole_game():
@@ -221,7 +234,8 @@ def test_both_paths_agree_on_a_whole_game():
     for result in results.values():
         score, length = result["game"]
         assert result["life_losses"] == result["lives"] - 1 == 4
-        assert length == result["steps"] and score >= sum(result["rewards"]) >= 0
+        assert length == result["steps"] + 5  # and one FIRE per ball
+        assert score >= sum(result["rewards"]) >= 0
         assert set(result["rewards"]) <= {0.0, 1.0}
 
 
@@ -242,14 +256,18 @@ def test_no_phantom_transition_reaches_the_rollout(backend):
     new_games = life_losses = 0
     for step in range(299):
         for n in range(2):
-            if not obs[step + 1, n, :3].any():  # a fresh game starts at step + 1 ...
+            if not obs[step + 1, n, :2].any():  # a fresh game starts at step + 1 ...
                 new_games += 1  # ... right after the step that ended the last one:
                 assert rollout.terminations[step, n] == rollout.episode_ends[step, n] == 1
-            else:  # every other transition is a real step of the same game, lost lives included
+            elif rollout.terminations[step, n]:  # a lost life: the agent's step, then FIRE, which is
+                life_losses += 1  # part of the reset and not a row of the rollout: two frames on
+                assert torch.equal(obs[step + 1, n, :2], obs[step, n, 2:])
+            else:  # every other row is one step, with the action the agent chose
                 assert torch.equal(obs[step + 1, n, :3], obs[step, n, 1:])
-                life_losses += int(rollout.terminations[step, n].item())
     # Under NEXT_STEP autoreset a phantom reset step would follow each game's end: its obs would be
-    # a fresh game that no ended step precedes, which the assertions above rule out.
+    # a fresh game that no ended step precedes. Had FIRE replaced the agent's action in the row after
+    # a lost life, that row would be recorded with an action the env did not take, and the stack
+    # would move by one frame after the lost life, not two. The assertions above rule out both.
     assert new_games == len(games) >= 1
     assert life_losses >= 4 * new_games
     assert set(rollout.rewards.unique().tolist()) <= {0.0, 1.0}
