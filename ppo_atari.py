@@ -612,7 +612,7 @@ class Rollout:
     logprobs: torch.Tensor  # (T, N) log pi_old(a_t | s_t)
     values: torch.Tensor  # (T, N) V(s_t)
     rewards: torch.Tensor  # (T, N) sign-clipped reward r_t
-    next_values: torch.Tensor  # (T, N) V(s_{t+1}); V(final_obs) where the episode ended at t
+    next_values: torch.Tensor  # (T, N) V(s_{t+1}); V(final_obs) where truncated at t, 0 where terminated
     terminations: torch.Tensor  # (T, N) 1.0 where s_{t+1} is terminal (lost life or game over)
     episode_ends: torch.Tensor  # (T, N) 1.0 where the episode ended at t (terminated or truncated)
 
@@ -775,15 +775,17 @@ def collect_rollout(
         ended = terminated | truncated  # terminated includes a lost life
         rewards[step], terminations[step], episode_ends[step] = reward, terminated, ended
         next_obs = torch.as_tensor(raw_obs, device=device)
-        if ended.any():
+        if truncated.any():
             # SAME_STEP autoreset: raw_obs already belongs to what comes next (a new game, or the
             # same game after a lost life); the observation the episode really ended on is
-            # info["final_obs"]. Its value is the bootstrap on truncation (compute_gae multiplies
-            # it by 0 on termination).
-            final_obs = torch.as_tensor(np.stack(info["final_obs"][ended]), device=device)
+            # info["final_obs"]. Its value is the bootstrap on truncation only (compute_gae
+            # multiplies it by 0 on termination, so a terminated env needs none). The check is on
+            # numpy flags and the indices go to the device as data: no device sync.
+            final_obs = torch.as_tensor(np.stack(info["final_obs"][truncated]), device=device)
             with torch.inference_mode():
                 final_values = agent.get_value(final_obs)
-            next_values[step][torch.as_tensor(ended, device=device)] = final_values
+            next_values[step, torch.as_tensor(np.flatnonzero(truncated), device=device)] = final_values
+        if ended.any():
             episode_stats.extend(finished_games(info))
         timers.env += t2 - t1
         timers.inference += (t1 - t0) + (time.perf_counter() - t2)

@@ -247,6 +247,9 @@ def test_no_phantom_transition_reaches_the_rollout(backend):
     torch.manual_seed(0)
     envs = pa.make_vector_env("BreakoutNoFrameskip-v4", 2, backend)
     agent = pa.Agent(4)
+    value_calls = []
+    get_value = agent.get_value
+    agent.get_value = lambda obs: value_calls.append(len(obs)) or get_value(obs)
     raw_obs, _ = envs.reset(seed=0)
     games: list = []
     rollout, _ = pa.collect_rollout(envs, agent, torch.as_tensor(raw_obs), 300, pa.Timers(), games)
@@ -270,6 +273,8 @@ def test_no_phantom_transition_reaches_the_rollout(backend):
     # would move by one frame after the lost life, not two. The assertions above rule out both.
     assert new_games == len(games) >= 1
     assert life_losses >= 4 * new_games
+    # Nothing was truncated, so no V(final_obs) was computed: only V(s_T) of the last observation.
+    assert value_calls == [2]
     assert set(rollout.rewards.unique().tolist()) <= {0.0, 1.0}
 
 
