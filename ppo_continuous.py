@@ -44,6 +44,7 @@ import netrc
 import os
 import random
 import signal
+import socket
 import sys
 import threading
 import time
@@ -911,27 +912,36 @@ def wandb_can_log() -> bool:
     """True in offline mode or with an API key (WANDB_API_KEY or the ~/.netrc entry `wandb login` writes)."""
     if os.environ.get("WANDB_MODE") in ("offline", "disabled") or os.environ.get("WANDB_API_KEY"):
         return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
     try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(wandb_host()) is not None
     except (OSError, netrc.NetrcParseError):
         return False
 
 
-def start_wandb(args: Args, run_dir: Path) -> None:
-    """A W&B run mirroring TensorBoard; if W&B cannot be reached within 20 s, it logs offline and says so."""
+def wandb_host() -> str:
     import wandb
 
-    settings = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name,
-                    config=asdict(args), dir=str(run_dir), sync_tensorboard=True)  # fmt: skip
-    if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
-        wandb.init(**settings)
-        return
+    return urlparse(wandb.Settings().base_url).hostname  # WANDB_BASE_URL, or the SDK's default server
+
+
+def start_wandb(args: Args, run_dir: Path) -> None:
+    """A W&B run mirroring TensorBoard; when the W&B server cannot be reached, it logs offline and says so."""
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE")
+    if mode not in ("offline", "disabled"):
+        try:  # a 5-second probe, instead of wandb's own 90-second wait for a server that is not there
+            socket.create_connection((wandb_host(), 443), timeout=5).close()
+        except OSError as e:
+            print(f"W&B unreachable ({e}): logging offline into {run_dir / 'wandb'} (upload later: `wandb sync`)")
+            mode = "offline"
     try:
-        wandb.init(**settings, settings=wandb.Settings(init_timeout=20))
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
+                   dir=str(run_dir), sync_tensorboard=True, mode=mode)  # fmt: skip
     except Exception as e:
-        print(f"W&B unreachable ({type(e).__name__}): logging offline into {run_dir / 'wandb'} (upload: `wandb sync`)")
-        wandb.init(**settings, mode="offline")
+        raise ConfigError(
+            f"--track: W&B did not start ({type(e).__name__}: {e}); WANDB_MODE=offline logs locally"
+        ) from None
 
 
 def select_device(args: Args) -> torch.device:

@@ -5,6 +5,7 @@ and bad input."""
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -464,11 +465,11 @@ def test_interrupted_run_saves_and_resumes_to_the_end(tmp_path):
     assert 0 < interrupted_at < 16384
     assert json.loads((checkpoint_path.parent / "summary.json").read_text())["status"] == "interrupted"
 
-    args = pc.Args(
-        env_id="InvertedPendulum-v4", total_timesteps=16384, num_steps=256, num_minibatches=4,
-        resume=str(checkpoint_path), cuda=False, eval_episodes=1,
-    )  # fmt: skip
-    summary = pc.train(args)
+    # Only --resume: every setting (env, steps, minibatches, total) comes from the checkpoint.
+    result = run_cli("--resume", str(checkpoint_path), "--eval-episodes", "1", "--no-cuda", timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming {checkpoint_path} at step {interrupted_at:,}" in result.stdout
+    summary = json.loads((checkpoint_path.parent / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["global_step"] == 16384
     assert summary["run_dir"] == str(checkpoint_path.parent)  # the same run goes on
     final = pc.load_checkpoint(str(checkpoint_path), "InvertedPendulum-v4")
@@ -511,6 +512,74 @@ def test_diverged_loss_without_a_checkpoint_says_so(tmp_path, monkeypatch):
     with pytest.raises(pc.TrainingDiverged, match="nothing saved"):
         pc.train(tiny_args(tmp_path))
     assert not list((tmp_path / "runs").glob("*/checkpoint.pt"))
+
+
+def test_resume_restores_everything_and_drops_the_logs_past_the_checkpoint(tmp_path, monkeypatch):
+    real_save, saved, rng_at_save, rng_at_restore = pc.save_checkpoint, {}, {}, []
+
+    def rng_now():
+        return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+
+    def save_and_keep_a_copy(path, *rest):
+        real_save(path, *rest)
+        saved[rest[-1]], rng_at_save[rest[-1]] = path.read_bytes(), rng_now()  # by iteration
+
+    monkeypatch.setattr(pc, "save_checkpoint", save_and_keep_a_copy)
+    first = pc.train(tiny_args(tmp_path / "a", save_interval=1))
+    monkeypatch.undo()
+    real_set_rng_states = pc.set_rng_states
+    monkeypatch.setattr(
+        pc, "set_rng_states", lambda states: (real_set_rng_states(states), rng_at_restore.append(rng_now()))
+    )
+    # As after `kill -9` between the saves of iterations 2 and 3: the run folder holds the checkpoint of
+    # iteration 2 and the TensorBoard events of iterations 1-4. Resume it, and a copy of it elsewhere.
+    results = []
+    for folder in (Path(first["run_dir"]), tmp_path / "copy"):
+        folder.mkdir(exist_ok=True)
+        (folder / "checkpoint.pt").write_bytes(saved[2])
+        summary = pc.train(tiny_args(tmp_path, resume=str(folder / "checkpoint.pt")))
+        results.append((summary, pc.load_checkpoint(summary["checkpoint"])))
+    (summary_a, checkpoint_a), (summary_b, checkpoint_b) = results
+    assert summary_a["global_step"] == 1024 and summary_a["iterations"] == 4
+    # The same checkpoint resumed twice gives the same run: weights, optimizer, statistics, RNG states.
+    assert all(torch.equal(checkpoint_a["model"][k], checkpoint_b["model"][k]) for k in checkpoint_a["model"])
+    assert summary_a["mean_return"] == summary_b["mean_return"]
+    assert summary_a["eval_return_mean"] == summary_b["eval_return_mean"]
+    assert checkpoint_a["discounted_return"].shape == (1,) and checkpoint_a["discounted_return"].abs().sum() > 0
+    # ... because the python, numpy and torch random states are those of the moment of the save.
+    for torch_state, numpy_state, python_state in rng_at_restore:
+        assert torch.equal(torch_state, rng_at_save[2][0]) and (numpy_state == rng_at_save[2][1]).all()
+        assert python_state == rng_at_save[2][2]
+    assert len(rng_at_restore) == 2 and not torch.equal(rng_at_save[2][0], rng_at_save[4][0])
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(first["run_dir"])
+    events.Reload()
+    # Iterations 3 and 4 were logged twice (before the crash and after the resume); one copy remains.
+    assert [e.step for e in events.Scalars("losses/policy_loss")] == [256, 512, 768, 1024]
+    # The learning-rate schedule goes on where it stopped.
+    assert [e.value for e in events.Scalars("charts/learning_rate")] == pytest.approx([3e-4, 2.25e-4, 1.5e-4, 0.75e-4])
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    summary = pc.train(tiny_args(tmp_path, total_timesteps=512))
+    with pytest.raises(pc.ConfigError, match="--total-timesteps 1024 differs from the checkpoint's 512"):
+        pc.train(tiny_args(tmp_path, resume=summary["checkpoint"]))
+    result = run_cli("--resume", summary["checkpoint"], "--num-steps", "128")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --num-steps 128 differs from the checkpoint's 256: a resumed run keeps its settings"
+    )
+
+
+def test_a_run_in_which_no_episode_finished_completes(tmp_path, capsys):
+    # Pendulum's episodes last 200 steps: none ends within 128.
+    summary = pc.train(tiny_args(tmp_path, env_id="Pendulum-v1", total_timesteps=128, num_steps=128, eval_episodes=1))
+    assert summary["status"] == "completed" and summary["episodes"] == 0 and summary["mean_return"] is None
+    assert math.isfinite(summary["eval_return_mean"])
+    assert json.loads((Path(summary["run_dir"]) / "summary.json").read_text()) == summary
+    assert "training return n/a (no episode finished)" in capsys.readouterr().out
 
 
 def test_learns_inverted_pendulum(tmp_path):
@@ -557,6 +626,13 @@ def test_track_with_wandb_offline(tmp_path):
         ({"learning_rate": -1.0}, "--learning-rate must be positive"),
         ({"env_id": "HalfCheeta-v4"}, "unknown environment id"),
         ({"env_id": "CartPole-v1"}, "Discrete action space"),
+        ({"clip_coef": -0.1}, "--clip-coef must be positive"),
+        ({"max_grad_norm": 0.0}, "--max-grad-norm must be positive"),
+        ({"ent_coef": -1.0}, "--ent-coef and --vf-coef must not be negative"),
+        ({"vf_coef": -3.0}, "--ent-coef and --vf-coef must not be negative"),
+        ({"target_kl": -1.0}, "--target-kl must be positive"),
+        ({"seed": -1}, "--seed must lie in"),
+        ({"eval_episodes": 0}, "--eval-episodes must be at least 1"),
     ],
 )
 def test_bad_configuration_is_rejected(tmp_path, monkeypatch, overrides, message):
@@ -586,6 +662,10 @@ def test_checkpoint_of_another_env_or_script_is_rejected(tmp_path):
         (["--num-minibatches", "3"], "does not divide into 3 minibatches"),
         (["--env-id", "CartPole-v1", "--total-timesteps", "4096"], "Discrete action space"),
         (["--eval-checkpoint", "/nonexistent.pt"], "does not exist"),
+        (["--eval-checkpoint", "/nonexistent.pt", "--eval-episodes", "0"], "--eval-episodes must be at least 1"),
+        (["--seed", "-1"], "--seed must lie in [0, 2**32), got -1"),
+        (["--num-env", "3"], "unrecognized argument --num-env (did you mean --num-envs?)"),
+        (["--runs-dir", "/etc/hostname/runs", "--env-id", "Pendulum-v1"], "cannot create the run folder"),
     ],
 )
 def test_cli_bad_input_prints_one_error_line(flags, message):
@@ -602,6 +682,7 @@ def test_cli_bad_input_prints_one_error_line(flags, message):
         ("mujoco", ["--env-id", "Hopper-v4"]),
         ("moviepy", ["--capture-video"]),
         ("wandb", ["--track"]),
+        ("moviepy", ["--capture-video", "--eval-checkpoint", "/nonexistent.pt"]),  # checked on that path too
     ],
 )
 def test_missing_optional_package_names_the_install_command(module, flags):
@@ -612,6 +693,14 @@ def test_missing_optional_package_names_the_install_command(module, flags):
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].endswith(f"pip install {module}")
+
+
+def test_track_without_a_wandb_key_is_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["NETRC"] = str(tmp_path / "no-netrc")  # no `wandb login` either
+    result = subprocess.run([sys.executable, SCRIPT, "--track"], capture_output=True, text=True, env=env, cwd=REPO)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --track needs a W&B API key")
 
 
 def test_help_documents_every_flag():
