@@ -131,7 +131,7 @@ class Args:
     channels_last: bool = True
     """keep the CNN's weights and activations in channels-last (NHWC) layout: same math, faster on CPU"""
     bf16: bool = False
-    """run the update's forward and backward passes under bfloat16 autocast (weights and Adam stay float32)"""
+    """run the network's forward passes (rollout and update alike) and the backward pass under bfloat16 autocast (weights and Adam stay float32)"""
 
     # Algorithm
     env_id: str = "BreakoutNoFrameskip-v4"
@@ -554,7 +554,7 @@ class Agent(nn.Module):
     buffer holds 1 byte per pixel instead of 4.
     """
 
-    def __init__(self, num_actions: int, channels_last: bool = True):
+    def __init__(self, num_actions: int, channels_last: bool = True, bf16: bool = False):
         super().__init__()
         self.network = nn.Sequential(
             layer_init(nn.Conv2d(4, 32, 8, stride=4)),  # (B, 4, 84, 84) -> (B, 32, 20, 20)
@@ -573,15 +573,26 @@ class Agent(nn.Module):
         # conversions. The numbers are the same up to float rounding order.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.to(memory_format=self.memory_format)
+        # --bf16: every forward pass runs under bfloat16 autocast, here in one place, so the rollout's
+        # log-probs and values and the update's are computed alike and the ratio is exactly 1
+        # before the first gradient step. Weights, gradients and Adam stay float32.
+        self.bf16 = bf16
 
     def features(self, obs: torch.Tensor) -> torch.Tensor:
         """obs: (B, 4, 84, 84) uint8 -> (B, 512)"""
         x = obs.to(dtype=torch.float32, memory_format=self.memory_format)
         return self.network(x * (1.0 / 255.0))
 
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """obs: (B, 4, 84, 84) uint8 -> action logits (B, num_actions), V(obs) (B,), both float32"""
+        with torch.autocast(obs.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            hidden = self.features(obs)
+            logits, value = self.actor(hidden), self.critic(hidden).squeeze(-1)
+        return logits.float(), value.float()
+
     def get_value(self, obs: torch.Tensor) -> torch.Tensor:
         """obs: (B, 4, 84, 84) uint8 -> V(obs): (B,)"""
-        return self.critic(self.features(obs)).squeeze(-1).float()
+        return self(obs)[1]
 
     def get_action_and_value(self, obs: torch.Tensor, action: torch.Tensor | None = None):
         """obs: (B, 4, 84, 84) uint8; action: (B,) int64 or None to sample one.
@@ -589,15 +600,15 @@ class Agent(nn.Module):
         Returns action (B,), log pi(action|obs) (B,), entropy (B,), V(obs) (B,), all float32 even
         under bfloat16 autocast: the log-softmax and the losses need the precision.
         """
-        hidden = self.features(obs)
-        log_probs = self.actor(hidden).float().log_softmax(-1)  # (B, num_actions)
+        logits, value = self(obs)
+        log_probs = logits.log_softmax(-1)  # (B, num_actions)
         if action is None:
             action = torch.multinomial(log_probs.exp(), 1).squeeze(-1)
         # Categorical log-prob and entropy written out from one log-softmax: the numbers of
         # torch.distributions.Categorical, each step readable here.
         logprob = log_probs.gather(-1, action.unsqueeze(-1)).squeeze(-1)
         entropy = -(log_probs.exp() * log_probs).sum(-1)
-        return action, logprob, entropy, self.critic(hidden).squeeze(-1).float()
+        return action, logprob, entropy, value
 
 
 # ALGORITHM
@@ -847,9 +858,8 @@ def update_policy(
         permutation = torch.randperm(local_batch, device=b_obs.device)
         for start in range(0, local_batch, local_minibatch):
             mb = permutation[start : start + local_minibatch]
-            # bfloat16 autocast covers the network only; ppo_loss gets float32 inputs.
-            with torch.autocast(b_obs.device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                _, new_logprobs, entropy, new_values = agent.get_action_and_value(b_obs[mb], b_actions[mb])
+            # Under --bf16 the agent's autocast covers the network only; ppo_loss gets float32 inputs.
+            _, new_logprobs, entropy, new_values = agent.get_action_and_value(b_obs[mb], b_actions[mb])
             loss, stats = ppo_loss(
                 new_logprobs, b_logprobs[mb], entropy, new_values, b_values[mb],
                 b_advantages[mb], b_returns[mb], args,
@@ -942,7 +952,7 @@ def evaluate(
     while len(scores) < episodes:
         with torch.inference_mode():
             obs = torch.as_tensor(raw_obs, device=device)
-            action = agent.get_action_and_value(obs)[0] if stochastic else agent.actor(agent.features(obs)).argmax(-1)
+            action = agent.get_action_and_value(obs)[0] if stochastic else agent(obs)[0].argmax(-1)
         raw_obs, _, _, _, info = envs.step(action.cpu().numpy())
         scores.extend(score for score, _ in finished_games(info))
     envs.close()
@@ -951,8 +961,8 @@ def evaluate(
 
 def load_agent(checkpoint: dict, num_actions: int, device: torch.device) -> Agent:
     """Rebuild the agent from a loaded checkpoint."""
-    channels_last = checkpoint["args"].get("channels_last", True)
-    agent = Agent(num_actions, channels_last).to(device)
+    saved_args = checkpoint["args"]
+    agent = Agent(num_actions, saved_args.get("channels_last", True), saved_args.get("bf16", False)).to(device)
     agent.load_state_dict(checkpoint["model"])
     return agent
 
@@ -1098,7 +1108,7 @@ def train(args: Args) -> dict:
     run_dir, writer = start_run(args) if is_main else (None, None)
     checkpoint_path = run_dir / "checkpoint.pt" if is_main else None
 
-    agent = Agent(int(envs.single_action_space.n), args.channels_last).to(device)
+    agent = Agent(int(envs.single_action_space.n), args.channels_last, args.bf16).to(device)
     if world_size > 1:  # identical initial weights everywhere: rank 0's
         for tensor in agent.state_dict().values():
             dist.broadcast(tensor, src=0)

@@ -330,13 +330,17 @@ def test_channels_last_and_bf16_compute_the_same_function():
     _, lp_fast, _, v_fast = fast.get_action_and_value(obs, actions)
     _, lp_plain, _, v_plain = plain.get_action_and_value(obs, actions)
     assert torch.allclose(lp_fast, lp_plain, atol=1e-5) and torch.allclose(v_fast, v_plain, atol=1e-5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, lp_bf16, _, v_bf16 = fast.get_action_and_value(obs, actions)
+    bf16 = pa.Agent(4, channels_last=True, bf16=True)
+    bf16.load_state_dict(fast.state_dict())
+    _, lp_bf16, _, v_bf16 = bf16.get_action_and_value(obs, actions)
     assert lp_bf16.dtype == torch.float32  # the loss is computed in float32
     assert torch.allclose(lp_bf16, lp_plain, atol=2e-2) and torch.allclose(v_bf16, v_plain, atol=5e-2)
+    assert not torch.equal(lp_bf16, lp_plain)  # bfloat16 was really used
 
 
-def test_ratio_is_one_on_the_first_minibatch(tmp_path, monkeypatch):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_ratio_is_one_on_the_first_minibatch(tmp_path, monkeypatch, bf16):
+    """Rollout and update compute log pi_old alike (under --bf16 the same autocast): ratio 1."""
     ratios = []
     original = pa.ppo_loss
 
@@ -345,7 +349,7 @@ def test_ratio_is_one_on_the_first_minibatch(tmp_path, monkeypatch):
         return original(new_logprobs, old_logprobs, *rest)
 
     monkeypatch.setattr(pa, "ppo_loss", spy)
-    pa.train(tiny_args(tmp_path, total_timesteps=64))
+    pa.train(tiny_args(tmp_path, total_timesteps=64, bf16=bf16))
     assert torch.allclose(ratios[0], torch.ones_like(ratios[0]), atol=1e-5)
     assert not torch.allclose(ratios[-1], torch.ones_like(ratios[-1]), atol=1e-7)
 
