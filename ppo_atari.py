@@ -261,10 +261,8 @@ def check_env_id(env_id: str) -> dict:
     except gym.error.Error as e:
         raise ConfigError(f"unknown environment id {env_id!r}: {e}") from None
     if spec.entry_point != "ale_py.env:AtariEnv":
-        raise ConfigError(
-            f"{env_id} is not an Atari environment of ale-py (e.g. BreakoutNoFrameskip-v4); "
-            f"for continuous actions use ppo_continuous.py"
-        )
+        hint = "; for continuous actions use ppo_continuous.py" if has_continuous_actions(env_id) else ""
+        raise ConfigError(f"{env_id} is not an Atari environment of ale-py (e.g. BreakoutNoFrameskip-v4){hint}")
     defaults = {
         name: parameter.default
         for name, parameter in inspect.signature(ale_py.env.AtariEnv.__init__).parameters.items()
@@ -276,6 +274,16 @@ def check_env_id(env_id: str) -> dict:
         "full_action_space": settings["full_action_space"],
         "max_num_frames_per_episode": settings["max_num_frames_per_episode"] or 108_000,
     }
+
+
+def has_continuous_actions(env_id: str) -> bool:
+    """Whether a (non-Atari) env has Box actions, to point its user to ppo_continuous.py."""
+    try:
+        env = gym.make(env_id)
+    except Exception:  # missing extras (e.g. mujoco): no hint rather than a second error
+        return False
+    env.close()
+    return isinstance(env.action_space, gym.spaces.Box)
 
 
 class NoopReset(gym.Wrapper):
@@ -1292,7 +1300,8 @@ def main() -> None:
         elif train(args)["status"] == "interrupted":
             sys.exit(130)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process finds it: say it once
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)

@@ -541,8 +541,8 @@ def test_track_with_wandb_offline(tmp_path):
         ({"total_timesteps": 10}, "smaller than one rollout"),
         ({"num_envs": 0}, "--num-envs must be at least 1"),
         ({"env_id": "ALE/NoSuchGame-v5"}, "unknown environment id"),
-        ({"env_id": "Pendulum-v1"}, "not an Atari environment"),
-        ({"env_id": "CartPole-v1"}, "not an Atari environment"),
+        ({"env_id": "Pendulum-v1"}, "not an Atari environment.*; for continuous actions use ppo_continuous.py"),
+        ({"env_id": "CartPole-v1"}, r"not an Atari environment of ale-py \(e.g. BreakoutNoFrameskip-v4\)$"),
     ],
 )
 def test_bad_configuration_is_rejected(tmp_path, overrides, message):
@@ -582,6 +582,14 @@ def test_cli_bad_input_prints_one_error_line(flags, env, message):
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_under_torchrun_only_rank_0_prints_a_bad_setting():
+    flags = ["--num-envs", "3", "--num-steps", "64"]
+    other_rank = run_cli(*flags, env={"WORLD_SIZE": "2", "RANK": "1"})
+    assert other_rank.returncode == 2 and other_rank.stderr.strip() == ""
+    rank_0 = run_cli(*flags, env={"WORLD_SIZE": "2", "RANK": "0"})
+    assert rank_0.returncode == 2 and rank_0.stderr.count("error: ") == 1
 
 
 def test_missing_opencv_names_the_install_command():
