@@ -181,14 +181,6 @@ class RunningMeanStd:
         self.var = m2 / total
         self.count = total
 
-    def state_dict(self) -> dict:
-        mean, var = torch.as_tensor(np.asarray(self.mean)), torch.as_tensor(np.asarray(self.var))
-        return {"mean": mean, "var": var, "count": self.count}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.mean, self.var = state["mean"].numpy().copy(), state["var"].numpy().copy()
-        self.count = float(state["count"])
-
 
 class ObservationNormalizer:
     """(obs - mean) / std clipped to [-10, 10], with ONE running mean/std shared by all envs.
@@ -458,14 +450,6 @@ def update_policy(agent: Agent, optimizer, rollout: Rollout, advantages, returns
     return result
 
 
-def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:
-    """1 - Var(targets - predictions) / Var(targets): 1 is a perfect critic, <= 0 no better than a constant."""
-    var_targets = targets.var()
-    if var_targets == 0:
-        return float("nan")
-    return (1.0 - (targets - predictions).var() / var_targets).item()
-
-
 def train(args: Args) -> dict:
     """Train PPO; returns the summary that is also written to <run>/summary.json."""
     with Run(args) as run:  # checks args; sets up seeding, device, run folder, logs, checkpoints, Ctrl-C
@@ -576,8 +560,8 @@ class Run:
         c = self.checkpoint
         agent.load_state_dict(c["model"])
         optimizer.load_state_dict(c["optimizer"])
-        obs_normalizer.rms.load_state_dict(c["obs_rms"])
-        reward_scaler.rms.load_state_dict(c["return_rms"])
+        load_rms(obs_normalizer.rms, c["obs_rms"])
+        load_rms(reward_scaler.rms, c["return_rms"])
         reward_scaler.discounted_return = c["discounted_return"].numpy().copy()
         set_rng_states(c["rng"])
         self.iteration = self.saved_iteration = c["iteration"]
@@ -587,12 +571,10 @@ class Run:
     def log(self, iteration: int, stats: dict) -> None:
         """Check the loss, then log the iteration's scalars under the tags of the popular single-file scripts."""
         if not math.isfinite(stats["loss"]):
-            kept = (
-                f"the checkpoint of iteration {self.saved_iteration} is kept"
-                if self.saved_iteration
-                else "nothing saved"
+            kept = f"the checkpoint of iteration {self.saved_iteration} is kept" if self.saved_iteration else None
+            raise TrainingDiverged(
+                f"the loss became {stats['loss']} at iteration {iteration}; stopped, {kept or 'nothing saved'}"
             )
-            raise TrainingDiverged(f"the loss became {stats['loss']} at iteration {iteration}; stopped, {kept}")
         self.iteration, self.global_step = iteration, iteration * self.args.batch_size
         # The time split: env.step() itself; inference is the rest of the rollout; the update (advantages
         # included) runs from the rollout's last env step to now.
@@ -611,16 +593,9 @@ class Run:
         write("charts/learning_rate", stats["learning_rate"], step)
         write("charts/SPS", sps, step)
         write("charts/update_epochs", stats["epochs"], step)
-        for key in (
-            "policy_loss",
-            "value_loss",
-            "entropy",
-            "old_approx_kl",
-            "approx_kl",
-            "clipfrac",
-            "explained_variance",
-        ):
+        for key in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"):
             write(f"losses/{key}", stats[key], step)
+        write("losses/explained_variance", stats["explained_variance"], step)
         for key, seconds in (("env", self.env_time), ("inference", self.inference_time), ("update", self.update_time)):
             write(f"time/{key}_s", seconds, step)
         first_or_last = self.last_print == self.start_time or iteration == self.args.num_iterations
@@ -665,8 +640,8 @@ class Run:
                 self.save()
             where = "in the final evaluation" if self.training_done else f"at step {self.global_step:,}"
             print(f"interrupted ({self.stopped_by}) {where}; checkpoint: {self.saved_checkpoint()}", flush=True)
-        elif exc_type is TrainingDiverged:
-            self.status = "diverged"
+        elif exc_type is not None:
+            self.status = "diverged" if exc_type is TrainingDiverged else "failed"
         wall_time = time.time() - self.start_time
         self.summary = {
             "script": SCRIPT_NAME, "env_id": self.args.env_id, "seed": self.args.seed, "status": self.status,
@@ -719,6 +694,23 @@ class EpisodeAndTimeMonitor(gym.vector.VectorWrapper):
         return popped
 
 
+def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:
+    """1 - Var(targets - predictions) / Var(targets): 1 is a perfect critic, <= 0 no better than a constant."""
+    var_targets = targets.var()
+    if var_targets == 0:
+        return float("nan")
+    return (1.0 - (targets - predictions).var() / var_targets).item()
+
+
+def rms_state(rms: RunningMeanStd) -> dict:
+    mean, var = (torch.as_tensor(np.asarray(x)) for x in (rms.mean, rms.var))
+    return {"mean": mean, "var": var, "count": rms.count}
+
+
+def load_rms(rms: RunningMeanStd, state: dict) -> None:
+    rms.mean, rms.var, rms.count = state["mean"].numpy().copy(), state["var"].numpy().copy(), float(state["count"])
+
+
 def save_checkpoint(path: Path, agent, optimizer, obs_normalizer, reward_scaler, args, global_step, iteration):
     """Weights, optimizer, normalization statistics, RNG states, args and progress in one file.
 
@@ -726,8 +718,8 @@ def save_checkpoint(path: Path, agent, optimizer, obs_normalizer, reward_scaler,
     """
     checkpoint = {
         "script": SCRIPT_NAME, "env_id": args.env_id, "args": asdict(args), "model": agent.state_dict(),
-        "optimizer": optimizer.state_dict(), "obs_rms": obs_normalizer.rms.state_dict(),
-        "return_rms": reward_scaler.rms.state_dict(),
+        "optimizer": optimizer.state_dict(), "obs_rms": rms_state(obs_normalizer.rms),
+        "return_rms": rms_state(reward_scaler.rms),
         "discounted_return": torch.as_tensor(reward_scaler.discounted_return),
         "rng": rng_states(), "global_step": global_step, "iteration": iteration,
     }  # fmt: skip
@@ -763,10 +755,8 @@ def check_resume_settings(args: Args, saved: dict) -> None:
     """A resumed run keeps the settings it was started with; a flag that would change them is refused."""
     for name, value in asdict(args).items():
         if name not in RESUME_MAY_CHANGE and name in saved and saved[name] != value:
-            flag = "--" + name.replace("_", "-")
-            raise ConfigError(
-                f"{flag} {value} differs from the checkpoint's {saved[name]}: a resumed run keeps its settings"
-            )
+            flag = f"--{name.replace('_', '-')} {value}"
+            raise ConfigError(f"{flag} differs from the checkpoint's {saved[name]}: a resumed run keeps its settings")
 
 
 def rng_states() -> dict:
@@ -788,14 +778,12 @@ def set_rng_states(states: dict) -> None:
 
 def load_agent(checkpoint: dict, device: torch.device) -> tuple[Agent, ObservationNormalizer]:
     """Rebuild the agent and its frozen observation normalizer from a loaded checkpoint."""
-    obs_dim, action_dim = (
-        checkpoint["model"]["actor_mean.0.weight"].shape[1],
-        checkpoint["model"]["actor_logstd"].shape[1],
-    )
+    model = checkpoint["model"]
+    obs_dim, action_dim = model["actor_mean.0.weight"].shape[1], model["actor_logstd"].shape[1]
     agent = Agent(obs_dim, action_dim).to(device)
-    agent.load_state_dict(checkpoint["model"])
+    agent.load_state_dict(model)
     obs_normalizer = ObservationNormalizer((obs_dim,))
-    obs_normalizer.rms.load_state_dict(checkpoint["obs_rms"])
+    load_rms(obs_normalizer.rms, checkpoint["obs_rms"])
     return agent, obs_normalizer
 
 
@@ -814,10 +802,8 @@ def evaluate_checkpoint(path: str, args: Args) -> dict:
     }  # fmt: skip
 
 
-def evaluate(
-    agent, obs_normalizer, env_id: str, episodes: int, seed: int, stochastic=False, video_dir=None
-) -> list[float]:
-    """Returns of `episodes` full episodes with FROZEN normalization statistics.
+def evaluate(agent, obs_normalizer, env_id: str, episodes: int, seed: int, stochastic=False, video_dir=None):
+    """The returns of `episodes` full episodes, with FROZEN normalization statistics.
 
     The policy acts with its mean action (deterministic) unless stochastic; episode i is seeded with
     seed + i, so the same model and seed always score the same on CPU.

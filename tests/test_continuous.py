@@ -703,6 +703,19 @@ def test_track_without_a_wandb_key_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: --track needs a W&B API key")
 
 
+def test_track_without_a_connection_logs_offline_and_says_so(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_API_KEY="0" * 40, WANDB_BASE_URL="https://wandb.invalid")  # a key, but no server
+    flags = ["--env-id", "InvertedPendulum-v4", "--total-timesteps", "256", "--num-steps", "256", "--track",
+             "--num-minibatches", "4", "--eval-episodes", "1", "--runs-dir", str(tmp_path)]  # fmt: skip
+    start = time.time()
+    result = subprocess.run([sys.executable, SCRIPT, *flags], capture_output=True, text=True, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "W&B unreachable" in result.stdout and "logging offline" in result.stdout
+    assert list(tmp_path.glob("*/wandb/offline-run-*"))
+    assert time.time() - start < 60  # not wandb's 90-second wait for a server
+
+
 def test_help_documents_every_flag():
     result = run_cli("--help")
     assert result.returncode == 0
