@@ -624,7 +624,7 @@ class Run:
     def finish(self) -> None:
         """Save the final model, then evaluate it exactly as --eval-checkpoint evaluates a saved one."""
         self.save()
-        self.training_done = True
+        self.training_done, self.training_end = True, time.time()  # wall time and SPS: training only
         result = evaluate_checkpoint(str(self.checkpoint_path), self.args)
         self.summary.update(eval_return_mean=result["eval_return_mean"], eval_return_std=result["eval_return_std"])
         self.writer.add_scalar("eval/episodic_return_mean", result["eval_return_mean"], self.global_step)
@@ -642,7 +642,7 @@ class Run:
             print(f"interrupted ({self.stopped_by}) {where}; checkpoint: {self.saved_checkpoint()}", flush=True)
         elif exc_type is not None:
             self.status = "diverged" if exc_type is TrainingDiverged else "failed"
-        wall_time = time.time() - self.start_time
+        wall_time = (self.training_end if self.training_done else time.time()) - self.start_time
         self.summary = {
             "script": SCRIPT_NAME, "env_id": self.args.env_id, "seed": self.args.seed, "status": self.status,
             "global_step": self.global_step, "iterations": self.iteration, "wall_time_s": wall_time,

@@ -1,0 +1,114 @@
+"""Speed of one of our scripts against a reference script, side by side on this machine.
+
+The two run alternately (ours, reference, ours, reference, ...: A B A B), same env, same settings, same
+number of steps, each in a fresh process, so that a change in the machine's speed during the measurement
+hits both alike. A run's speed is the last `charts/SPS` it logged to TensorBoard (both scripts log steps
+since the start of training over the seconds since then). Printed: each run's SPS, the median of each
+side and their ratio, and the machine (CPU model, AVX-512 / AMX / native bfloat16, load average before
+and after). The reference file is never part of this repository: give its path and the Python to run it
+with, e.g. CleanRL's `cleanrl/ppo_continuous_action.py` in a scratch venv.
+
+    python benchmarks/compare_reference.py --ours ppo_continuous.py \
+        --reference /tmp/ref/ppo_continuous_action.py --reference-python /tmp/ref-venv/bin/python \
+        --env-id Hopper-v4 --total-timesteps 20480 --repeat 2 --out benchmarks/results/compare_continuous
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def machine() -> dict:
+    """The CPU model and the instruction-set features that decide float32 / bfloat16 kernel speed."""
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        text = cpuinfo.read_text()
+        model = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
+        flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+        info.update(cpu=model[0] if model else info["cpu"], avx2="avx2" in flags, avx512="avx512f" in flags)
+        info.update(avx512_bf16="avx512_bf16" in flags, amx="amx_tile" in flags)
+    return info
+
+
+def last_sps(run_root: Path) -> float:
+    """The last charts/SPS scalar logged under run_root (one run folder in it)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events_file,) = run_root.rglob("events.out.tfevents.*")
+    events = EventAccumulator(str(events_file.parent), size_guidance={"scalars": 0})
+    events.Reload()
+    return float(events.Scalars("charts/SPS")[-1].value)
+
+
+def run_once(python: str, script: str, flags: list[str], workdir: Path) -> float:
+    """One training run in a fresh process, in its own working directory; returns its SPS."""
+    workdir.mkdir(parents=True)
+    command = [python, str(Path(script).resolve()), *flags]
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+    return last_sps(workdir)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ours", required=True, help="our script, e.g. ppo_continuous.py")
+    parser.add_argument("--reference", required=True, help="the reference script (outside this repository)")
+    parser.add_argument("--reference-python", default=sys.executable, help="the Python that runs the reference")
+    parser.add_argument("--env-id", required=True)
+    parser.add_argument("--total-timesteps", type=int, default=20480)
+    parser.add_argument("--repeat", type=int, default=2, help="runs of each side (at least 2)")
+    parser.add_argument("--ours-flags", default="", help="extra flags for our script, e.g. '--bf16'")
+    parser.add_argument("--reference-flags", default="", help="extra flags for the reference script")
+    parser.add_argument("--cuda", action="store_true", help="let both use the GPU (default: --no-cuda for both)")
+    parser.add_argument("--out", help="folder for results.json")
+    args = parser.parse_args()
+    if args.repeat < 2:
+        parser.error("--repeat must be at least 2: one run per side says nothing about noise")
+
+    common = ["--env-id", args.env_id, "--total-timesteps", str(args.total_timesteps), "--seed", "1"]
+    common += [] if args.cuda else ["--no-cuda"]
+    ours = [*common, "--eval-episodes", "1", *args.ours_flags.split()]
+    reference = [*common, *args.reference_flags.split()]
+    before = os.getloadavg()
+    runs = {"ours": [], "reference": []}
+    with tempfile.TemporaryDirectory() as scratch:
+        for i in range(args.repeat):
+            for side, python, script, flags in (
+                ("ours", sys.executable, REPO / args.ours, [*ours, "--runs-dir", "runs"]),
+                ("reference", args.reference_python, args.reference, reference),
+            ):
+                sps = run_once(python, str(script), flags, Path(scratch) / f"{i}_{side}")
+                runs[side].append(sps)
+                print(f"run {i + 1} {side:>9}: {sps:7.0f} SPS", flush=True)
+    medians = {side: statistics.median(values) for side, values in runs.items()}
+    result = {
+        "env_id": args.env_id, "total_timesteps": args.total_timesteps, "ours": args.ours,
+        "reference": Path(args.reference).name, "ours_flags": args.ours_flags, "reference_flags": args.reference_flags,
+        "sps": runs, "median_sps": medians, "ratio": medians["ours"] / medians["reference"], "machine": machine(),
+        "load_average_before": before, "load_average_after": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M"),
+    }  # fmt: skip
+    m = result["machine"]
+    print(f"median: ours {medians['ours']:.0f} SPS, reference {medians['reference']:.0f} SPS: {result['ratio']:.2f}x")
+    after = result["load_average_after"]
+    print(f"machine: {m['cpu']}, {m['cores']} cores, AVX-512 {m.get('avx512')}, AMX {m.get('amx')}, "
+          f"bf16 {m.get('avx512_bf16')}; load average before {before[0]:.2f}, after {after[0]:.2f}")  # fmt: skip
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "results.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
