@@ -443,6 +443,7 @@ class AleVectorEnv(gym.vector.VectorEnv):
         self.metadata = {"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
         action_set = self.games[0].ale.get_action_set()
         self.fire = action_set.index(ale_py.Action.FIRE) if ale_py.Action.FIRE in action_set else None
+        self.paddle_strength = np.ones(1, np.float32)  # full strength: the discrete action set
         self.scores = np.zeros(num_envs, np.float64)  # raw score of the game so far
         self.lengths = np.zeros(num_envs, np.int64)  # steps of the game so far
         self.frames = np.zeros((num_envs, 2), np.int64)  # the emulator's frame counters after the last step
@@ -457,29 +458,26 @@ class AleVectorEnv(gym.vector.VectorEnv):
     def step(self, actions: np.ndarray):
         obs, reward, terminated, truncated, info, game_over = self.step_games(actions, np.arange(self.num_envs))
         ended = terminated | truncated
-        final_obs = info.pop("final_obs")
         if ended.any():
             # The true last observation: where the game is over, the one before ale-py's reset;
             # after a lost life the game goes on, and it is obs itself (before the FIRE below).
-            info["final_obs"] = np.where(game_over[:, None, None, None], final_obs, obs)
+            info["final_obs"] = np.where(game_over[:, None, None, None], info["final_obs"], obs)
         if game_over.any():
             episode = {"r": self.scores.copy(), "l": self.lengths.copy()}
             info["final_info"] = {"episode": episode, "_episode": game_over}
             self.scores[game_over], self.lengths[game_over] = 0, 0
-        obs, fire_info = self.press_fire(obs, info, ended)
-        for key in ("lives", "frame_number", "episode_frame_number"):
-            info[key] = fire_info[key]
+        obs, info = self.press_fire(obs, info, ended)
         return obs, np.sign(reward).astype(np.float32), terminated, truncated, info
 
     def press_fire(self, obs: np.ndarray, info: dict, which: np.ndarray):
-        """FIRE for one step in the envs `which` (in games that have FIRE); returns (obs, info)."""
+        """FIRE for one step in the envs `which` (in games that have FIRE); obs and info are updated
+        in place to what the envs show after it, and returned."""
         if self.fire is None or not which.any():
             return obs, info
         actions = np.full(self.num_envs, self.fire)
         indices = np.flatnonzero(which)
         fire_obs, _, _, _, fire_info, game_over = self.step_games(actions, indices)
         self.scores[indices[game_over]], self.lengths[indices[game_over]] = 0, 0  # the press ended the game
-        obs, info = obs.copy(), {key: value.copy() for key, value in info.items()}
         obs[which] = fire_obs
         for key in ("lives", "frame_number", "episode_frame_number"):
             info[key][which] = fire_info[key]
@@ -493,12 +491,13 @@ class AleVectorEnv(gym.vector.VectorEnv):
         the two did not advance alike, ale-py reset the game at this step.
         """
         for i in indices:
-            self.games[i].send(actions[i : i + 1])
+            self.games[i].ale.send(actions[i : i + 1], self.paddle_strength)  # what AtariVectorEnv.send does
         results = [self.games[i].recv() for i in indices]
         obs = np.concatenate([r[0] for r in results])
         reward, terminated, truncated = (np.concatenate([r[k] for r in results]) for k in (1, 2, 3))
         info = self.merge_info([r[4] for r in results])
-        info["final_obs"] = np.concatenate([r[4].get("final_obs", r[0]) for r in results])
+        if (terminated | truncated).any():
+            info["final_obs"] = np.concatenate([r[4].get("final_obs", r[0]) for r in results])
         frames = np.stack([info["frame_number"], info["episode_frame_number"]], 1)
         advanced = frames - self.frames[indices]
         game_over = advanced[:, 0] != advanced[:, 1]
