@@ -123,7 +123,7 @@ class Args:
     eval_episodes: int = 10
     """the number of evaluation episodes, each a full game (after training, and with --eval-checkpoint)"""
     eval_stochastic: bool = True
-    """evaluate with sampled actions (a greedy argmax policy can stall a game up to its time limit, e.g. never FIRE)"""
+    """evaluate with sampled actions (a greedy argmax policy can get stuck repeating itself up to the time limit)"""
 
     # Atari
     env_backend: Literal["ale_vector", "gymnasium"] = "ale_vector"
