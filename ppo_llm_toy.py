@@ -1129,7 +1129,7 @@ def load_model(path: str, stage: str, model: nn.Module) -> tuple[nn.Module, dict
 
 
 def weights_are_finite(model: nn.Module) -> bool:
-    return all(torch.isfinite(p).all() for p in model.parameters())
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())  # one host sync
 
 
 def select_device(args: Args) -> torch.device:
