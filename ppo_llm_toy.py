@@ -9,67 +9,60 @@
 # ///
 """PPO for language models (RLHF), in one file, on a tiny model it trains itself.
 
-The whole pipeline of reinforcement learning from human feedback, shrunk until it runs on a laptop
-CPU in about a minute with nothing downloaded:
-
-1. a toy language: short English-like sentences from a small grammar ("the kind dog loves the
-   old cat ."), a word tokenizer with distinct PAD, BOS and EOS tokens, and an exact validity check
-   (a regular expression over the words), so text quality is measured independently of any reward;
-2. a tiny causal transformer (nanoGPT-like, dropout off, KV cache for sampling), pretrained by
-   supervised fine-tuning (SFT) on a corpus sampled from the grammar;
+The whole pipeline of reinforcement learning from human feedback, shrunk until it runs on a laptop CPU
+in about a minute with nothing downloaded:
+1. a toy language: short sentences from a small grammar ("the kind dog loves the old cat ."), a word
+   tokenizer with distinct PAD, BOS and EOS, and an exact validity check (a regular expression);
+2. a tiny causal transformer (nanoGPT-like, dropout off, KV cache), pretrained by supervised
+   fine-tuning (SFT) on sentences of the grammar;
 3. a hidden "gold" scorer (positive minus negative words; invalid text scores low) that labels
-   synthetic Bradley-Terry preference pairs, and a learned reward model (transformer + scalar head
-   read at the last real token) trained on them: the proxy reward that PPO optimizes. It only ever
-   saw grammatical sentences, so it can be fooled by text it never saw;
-4. PPO (Schulman et al. 2017, arXiv:1707.06347) with GAE (Schulman et al. 2015, arXiv:1506.02438)
-   over response tokens, a KL penalty to the frozen SFT model in the reward (Ziegler et al. 2019,
-   arXiv:1909.08593; InstructGPT, Ouyang et al. 2022, arXiv:2203.02155), and the implementation
-   details of "The N Implementation Details of RLHF with PPO" (Huang et al. 2024, arXiv:2403.17031),
-   each named in a comment where it is implemented. `--advantage-estimator grpo|rloo` swaps the critic
-   and GAE for group-relative baselines (GRPO, Shao et al. 2024, arXiv:2402.03300; RLOO, Ahmadian et al.
-   2024, arXiv:2402.14740): one advantage per response, on all its tokens, not whitened again.
+   Bradley-Terry preference pairs, and a reward model trained on them: the proxy reward PPO optimizes.
+   It only ever saw grammatical sentences, so it can be fooled by text it never saw;
+4. PPO (Schulman et al. 2017, arXiv:1707.06347) with GAE (arXiv:1506.02438) over response tokens and
+   a KL penalty to the frozen SFT model in the reward (Ziegler et al. 2019, arXiv:1909.08593;
+   InstructGPT, arXiv:2203.02155), each detail of "The N Implementation Details of RLHF with PPO"
+   (Huang et al. 2024, arXiv:2403.17031) named in a comment. `--advantage-estimator grpo|rloo` swaps the
+   critic and GAE for group-relative baselines (GRPO, arXiv:2402.03300; RLOO, arXiv:2402.14740).
+Validity and the gold score are exact, so a run *shows* reward hacking: with --kl-coef 0 the proxy reward
+rises while validity and gold reward fall; with the default KL penalty the policy gains gold reward and
+stays grammatical.
 
-Because validity and the gold score are exact, the run *shows* reward hacking: with --kl-coef 0 the
-policy drives the proxy reward up while validity and gold reward fall; with the default KL penalty it
-gains gold reward and stays grammatical.
-
-Run:
     python ppo_llm_toy.py                       # SFT, reward model, PPO: ~1 minute on 2 cores
     python ppo_llm_toy.py --kl-coef 0           # no KL penalty: watch the proxy get gamed
     python ppo_llm_toy.py --advantage-estimator rloo
-    python ppo_llm_toy.py --sft-checkpoint runs/<run>/sft.pt \\
-        --reward-model-checkpoint runs/<run>/reward_model.pt   # rerun PPO only
-    python ppo_llm_toy.py --help
+    python ppo_llm_toy.py --sft-checkpoint runs/<run>/sft.pt --reward-model-checkpoint runs/<run>/reward_model.pt
     tensorboard --logdir runs
 
-What differs from the sibling scripts:
-- ppo_continuous.py / ppo_atari.py: an environment gives rewards at every step of long episodes.
-  Here an "episode" is one response: the actions are tokens, the state is the text so far, and the
-  only environment reward is the reward model's score at the end, plus a per-token KL penalty.
-- The policy starts from a pretrained model and must not drift from it (the frozen reference), the
-  discount is 1, and advantages are whitened over the valid tokens of the whole rollout.
+Siblings: ppo_continuous.py and ppo_atari.py, where an environment rewards every step of long episodes.
+Here an episode is one response: the actions are tokens, the state is the text so far, and the only
+reward is the reward model's score at the end plus a per-token KL penalty; the policy starts from a
+pretrained model that it must not drift from (the frozen reference), and the discount is 1.
+Read Args, TASK, NETWORK, ALGORITHM and train() (PPO), then the SFT and reward-model stages: that is all of
+RLHF. Below the PLUMBING banner: run folder, logs, checkpoints, evaluation, checks.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import difflib
 import hashlib
 import importlib
-import io
 import json
 import math
+import netrc
 import os
 import random
 import re
 import signal
+import socket
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Literal
+from urllib.parse import urlparse
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -81,60 +74,7 @@ SCRIPT_NAME = "ppo_llm_toy"
 
 @dataclass
 class Args:
-    exp_name: str = SCRIPT_NAME
-    """the name of this experiment: the first part of the run name `runs/<exp_name>__<seed>__<time>`"""
-    seed: int = 1
-    """seed of the experiment (python, torch, corpus, prompts and sampling)"""
-    torch_deterministic: bool = True
-    """make torch use deterministic algorithms: the same seed then gives the same run twice on CPU"""
-    cuda: bool = True
-    """use CUDA for the networks when a GPU is available (otherwise the CPU is used)"""
-    track: bool = False
-    """log the run to Weights & Biases (needs `pip install wandb`; works with WANDB_MODE=offline)"""
-    wandb_project_name: str = "ppo-reference"
-    """the Weights & Biases project"""
-    wandb_entity: str | None = None
-    """the Weights & Biases entity (team or user); None uses your default"""
-    runs_dir: str = "runs"
-    """the folder that holds one sub-folder per run (TensorBoard events, models, summary.json)"""
-    num_threads: int = 1
-    """CPU threads for torch; 1 is fastest for a model this small (threads cost more than they save)"""
-
-    # Model (shared by the policy, the reference, the critic and the reward model)
-    n_layer: int = 2
-    """the number of transformer blocks"""
-    n_head: int = 4
-    """the number of attention heads per block"""
-    n_embd: int = 64
-    """the width of the residual stream"""
-    block_size: int = 24
-    """the context length in tokens: BOS + prompt + response must fit in it"""
-
-    # Stage 1: supervised fine-tuning (SFT) on the grammar corpus
-    sft_checkpoint: str | None = None
-    """reuse this sft.pt instead of training the SFT model"""
-    sft_corpus_size: int = 20000
-    """the number of grammar sentences in the SFT corpus"""
-    sft_steps: int = 1500
-    """the number of SFT gradient steps"""
-    sft_batch_size: int = 64
-    """the number of sentences per SFT step"""
-    sft_learning_rate: float = 3e-3
-    """the learning rate of SFT (AdamW, cosine decay to 0)"""
-
-    # Stage 2: reward model from synthetic preferences
-    reward_model_checkpoint: str | None = None
-    """reuse this reward_model.pt instead of training the reward model"""
-    rm_num_pairs: int = 6000
-    """the number of synthetic preference pairs labelled by the gold scorer"""
-    rm_epochs: int = 2
-    """the number of passes over the preference pairs"""
-    rm_batch_size: int = 64
-    """the number of pairs per reward-model step"""
-    rm_learning_rate: float = 1e-3
-    """the learning rate of the reward model (AdamW)"""
-
-    # Stage 3: PPO
+    # Algorithm: PPO (stage 3)
     total_episodes: int = 12800
     """the total number of responses sampled during PPO"""
     num_prompts: int = 32
@@ -155,8 +95,8 @@ class Args:
     """the number of minibatches each rollout is split into"""
     update_epochs: int = 4
     """the number of passes over the rollout per update"""
-    advantage_estimator: Literal["gae", "grpo", "rloo"] = "gae"
-    """gae: PPO with a critic; grpo/rloo: group-relative baselines from samples_per_prompt, no critic"""
+    advantage_estimator: str = "gae"
+    """gae (PPO with a critic), grpo or rloo (group-relative baselines from samples_per_prompt, no critic)"""
     gamma: float = 1.0
     """the discount factor over response tokens (1: the score at the end counts fully)"""
     gae_lambda: float = 0.95
@@ -179,8 +119,8 @@ class Args:
     """stop the update epochs early once the approximate KL exceeds this (None: never)"""
     kl_coef: float = 0.2
     """beta: the coefficient of the per-token KL penalty to the reference model (0: no penalty)"""
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    """the per-token KL estimate in the reward: k1 = log p - log p_ref, k3 = (r - 1) - log r"""
+    kl_estimator: str = "k1"
+    """the per-token KL estimate in the reward, k1 or k3: k1 = log p - log p_ref, k3 = (r - 1) - log r"""
     adaptive_kl: bool = False
     """adapt beta towards kl_target with the proportional controller of Ziegler et al. (lm-human-preferences)"""
     kl_target: float = 1.0
@@ -189,6 +129,60 @@ class Args:
     """the horizon (in responses) of the adaptive KL controller"""
     missing_eos_penalty: float = 1.0
     """subtracted from the score of a response that has no EOS within response_length"""
+
+    # Model (shared by the policy, the reference, the critic and the reward model)
+    n_layer: int = 2
+    """the number of transformer blocks"""
+    n_head: int = 4
+    """the number of attention heads per block"""
+    n_embd: int = 64
+    """the width of the residual stream"""
+    block_size: int = 24
+    """the context length in tokens: BOS + prompt + response must fit in it"""
+
+    # Stage 1: supervised fine-tuning (SFT) on the grammar corpus
+    sft_corpus_size: int = 20000
+    """the number of grammar sentences in the SFT corpus"""
+    sft_steps: int = 1500
+    """the number of SFT gradient steps"""
+    sft_batch_size: int = 64
+    """the number of sentences per SFT step"""
+    sft_learning_rate: float = 3e-3
+    """the learning rate of SFT (AdamW, cosine decay to 0)"""
+
+    # Stage 2: reward model from synthetic preferences
+    rm_num_pairs: int = 6000
+    """the number of synthetic preference pairs labelled by the gold scorer"""
+    rm_epochs: int = 2
+    """the number of passes over the preference pairs"""
+    rm_batch_size: int = 64
+    """the number of pairs per reward-model step"""
+    rm_learning_rate: float = 1e-3
+    """the learning rate of the reward model (AdamW)"""
+
+    # The run: seeding, device, logging, checkpoints, evaluation
+    seed: int = 1
+    """seed of the experiment (python, torch, corpus, prompts and sampling)"""
+    torch_deterministic: bool = True
+    """make torch use deterministic algorithms: the same seed then gives the same run twice on CPU"""
+    cuda: bool = True
+    """use CUDA for the networks when a GPU is available (otherwise the CPU is used)"""
+    num_threads: int = 1
+    """CPU threads for torch; 1 is fastest for a model this small (threads cost more than they save)"""
+    exp_name: str = SCRIPT_NAME
+    """the name of this experiment: the first part of the run name `runs/<exp_name>__<seed>__<time>`"""
+    runs_dir: str = "runs"
+    """the folder that holds one sub-folder per run (TensorBoard events, models, summary.json)"""
+    track: bool = False
+    """log the run to Weights & Biases (needs wandb, and `wandb login` or WANDB_MODE=offline)"""
+    wandb_project_name: str = "ppo-reference"
+    """the Weights & Biases project"""
+    wandb_entity: str | None = None
+    """the Weights & Biases entity (team or user); None uses your default"""
+    sft_checkpoint: str | None = None
+    """reuse this sft.pt instead of training the SFT model"""
+    reward_model_checkpoint: str | None = None
+    """reuse this reward_model.pt instead of training the reward model"""
     eval_interval: int = 20
     """evaluate on the held-out prompts every N PPO iterations (and always at start and end)"""
     eval_prompts: int = 256
@@ -209,103 +203,7 @@ class Args:
         return self.total_episodes // self.batch_size
 
 
-class ConfigError(ValueError):
-    """Bad input (flags, checkpoint): main() prints it as one line and exits with code 2."""
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite: the run stops and keeps its last good policy."""
-
-
-def require_module(module: str, purpose: str) -> None:
-    """Fail early with the install command when an optional package is missing."""
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        raise ConfigError(f"{purpose} needs the '{module}' package: pip install {module}") from None
-
-
-def validate_args(args: Args) -> None:
-    """Reject inconsistent settings before anything is built."""
-    positive = (
-        "num_threads", "n_layer", "n_head", "n_embd", "block_size", "sft_corpus_size", "sft_batch_size",
-        "rm_num_pairs", "rm_epochs", "rm_batch_size", "total_episodes", "num_prompts",
-        "samples_per_prompt", "max_prompt_words", "response_length", "num_minibatches",
-        "update_epochs", "eval_interval", "eval_prompts",
-    )  # fmt: skip
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.sft_steps < 0 or args.num_sample_texts < 0:
-        raise ConfigError("--sft-steps and --num-sample-texts must not be negative")
-    if args.n_embd % args.n_head != 0:
-        raise ConfigError(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
-    if args.vf_coef < 0:
-        raise ConfigError(f"--vf-coef must not be negative, got {args.vf_coef}")
-    if args.target_kl is not None and not args.target_kl > 0:
-        raise ConfigError(f"--target-kl must be positive (or None), got {args.target_kl}")
-    if args.max_prompt_words >= MIN_SENTENCE_WORDS:
-        raise ConfigError(
-            f"--max-prompt-words {args.max_prompt_words} lets a prompt be a whole sentence (the shortest has "
-            f"{MIN_SENTENCE_WORDS} words): use at most {MIN_SENTENCE_WORDS - 1}"
-        )
-    if args.response_length < MIN_SENTENCE_WORDS:
-        raise ConfigError(
-            f"--response-length {args.response_length} is too short to finish a sentence: after a 1-word prompt "
-            f"the shortest needs {MIN_SENTENCE_WORDS - 1} words and EOS ({MIN_SENTENCE_WORDS} tokens)"
-        )
-    longest = 1 + args.max_prompt_words + args.response_length
-    if longest > args.block_size:
-        raise ConfigError(
-            f"a prompt of up to {args.max_prompt_words} words plus BOS and a response of "
-            f"{args.response_length} tokens ({longest} tokens) do not fit the context of "
-            f"--block-size {args.block_size}"
-        )
-    if args.block_size < MAX_SENTENCE_TOKENS:
-        raise ConfigError(
-            f"the longest grammar sentence needs {MAX_SENTENCE_TOKENS} tokens, more than --block-size {args.block_size}"
-        )
-    for name in ("learning_rate", "sft_learning_rate", "rm_learning_rate", "temperature", "clip_coef", "max_grad_norm"):
-        if not getattr(args, name) > 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if not 0 <= args.gamma <= 1 or not 0 <= args.gae_lambda <= 1:
-        raise ConfigError("--gamma and --gae-lambda must lie in [0, 1]")
-    if args.kl_coef < 0:
-        raise ConfigError(f"--kl-coef must not be negative, got {args.kl_coef}")
-    if args.batch_size % args.num_minibatches != 0:
-        raise ConfigError(
-            f"the rollout (num_prompts * samples_per_prompt = {args.batch_size}) does not divide "
-            f"into {args.num_minibatches} minibatches"
-        )
-    if args.total_episodes < args.batch_size:
-        raise ConfigError(
-            f"--total-episodes {args.total_episodes} is smaller than one rollout "
-            f"(num_prompts * samples_per_prompt = {args.batch_size})"
-        )
-    if args.advantage_estimator not in ("gae", "grpo", "rloo"):
-        raise ConfigError(f"unknown --advantage-estimator {args.advantage_estimator!r}: use gae, grpo or rloo")
-    if args.kl_estimator not in ("k1", "k3"):
-        raise ConfigError(f"unknown --kl-estimator {args.kl_estimator!r}: use k1 or k3")
-    if args.advantage_estimator != "gae" and args.samples_per_prompt < 2:
-        raise ConfigError(
-            f"--advantage-estimator {args.advantage_estimator} needs --samples-per-prompt of at "
-            "least 2 (its baseline is the other samples of the same prompt)"
-        )
-    if args.advantage_estimator != "gae" and args.whiten_rewards:
-        raise ConfigError("--whiten-rewards whitens per-token rewards before GAE: use it with gae")
-    if args.adaptive_kl and (args.kl_target <= 0 or args.kl_horizon < 1 or args.kl_coef == 0):
-        raise ConfigError("--adaptive-kl needs a positive --kl-target, --kl-horizon and starting --kl-coef")
-    for flag, path in (
-        ("--sft-checkpoint", args.sft_checkpoint),
-        ("--reward-model-checkpoint", args.reward_model_checkpoint),
-    ):
-        if path is not None and not Path(path).is_file():
-            raise ConfigError(f"{flag} {path} does not exist")
-    if args.track:
-        require_module("wandb", "--track")
-
-
-# THE TOY LANGUAGE
+# TASK
 # Sentences: "the" ADJ{0,2} NOUN VERB "the" ADJ{0,2} NOUN "." -- e.g. "the kind dog loves the cat ."
 # Some adjectives and verbs are positive, some negative, some neutral.
 
@@ -403,7 +301,12 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
-# THE NETWORKS
+def make_prompts(num: int, max_words: int, rng: random.Random) -> list[list[int]]:
+    """Prompts = BOS + the first 1..max_words words of fresh grammar sentences."""
+    return [[BOS, *encode(sample_sentence(rng)[: rng.randint(1, max_words)])] for _ in range(num)]
+
+
+# NETWORK
 
 
 def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
@@ -540,7 +443,8 @@ def reward_model_score(reward_model: ScalarModel, tokens, mask, normalize: bool 
     return (raw - reward_model.score_mean) / reward_model.score_std
 
 
-# LOG-PROBS, KL AND SAMPLING
+# ALGORITHM
+# Log-probs, KL and sampling
 
 
 def response_logits(model: LanguageModel, query_responses, mask, prompt_length, temperature):
@@ -626,7 +530,7 @@ def truncate_after_eos(responses: torch.Tensor):
     return responses.masked_fill(eos_before, PAD), mask, has_eos
 
 
-# THE ALGORITHM
+# Rewards, advantages, the PPO loss, the rollout and the update
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -783,7 +687,205 @@ class Rollout:
     prompt_length: int
 
 
-# STAGES: SFT, REWARD MODEL
+@torch.no_grad()
+def collect_rollout(policy, reference, reward_model, prompts, args: Args, device) -> dict:
+    """Sample one response per prompt and score it: everything a rollout or an evaluation needs.
+
+    Returns a dict of tensors on device: query_responses (B, P+R), attention_mask (B, P+R),
+    responses (B, R), response_mask (B, R), has_eos (B,), scores (B,) (proxy, with the missing-EOS
+    penalty), raw_scores (B,), logprobs / ref_logprobs / exact_kl / entropy (B, R); and the time
+    spent sampling and when collection ended (for the throughput the run logs).
+    """
+    query, query_mask = (t.to(device) for t in left_pad(prompts))
+    start = time.perf_counter()
+    responses, _ = generate(policy, query, query_mask, args.response_length, args.temperature)
+    sampling_time = time.perf_counter() - start
+    responses, response_mask, has_eos = truncate_after_eos(responses)
+    query_responses = torch.cat([query, responses], dim=1)
+    attention_mask = torch.cat([query_mask, response_mask], dim=1)
+    prompt_length = query.shape[1]
+    # Recompute the log-probs with one full forward pass rather than keeping those of sampling:
+    # the update recomputes them with the same function, so the first ratio is exactly 1.
+    logits = response_logits(policy, query_responses, attention_mask, prompt_length, args.temperature)
+    ref_logits = response_logits(reference, query_responses, attention_mask, prompt_length, args.temperature)
+    raw_scores = reward_model_score(reward_model, query_responses, attention_mask)
+    return {
+        "query_responses": query_responses, "attention_mask": attention_mask, "prompt_length": prompt_length,
+        "responses": responses, "response_mask": response_mask, "has_eos": has_eos, "raw_scores": raw_scores,
+        "scores": apply_missing_eos_penalty(raw_scores, has_eos, args.missing_eos_penalty),
+        "logprobs": logprobs_of(logits, responses), "ref_logprobs": logprobs_of(ref_logits, responses),
+        "exact_kl": exact_kl(logits, ref_logits), "entropy": entropy_from_logits(logits),
+        "sampling_time": sampling_time, "collected_at": time.perf_counter(),
+    }  # fmt: skip
+
+
+def compute_advantages(batch: dict, critic, kl_coef: float, args: Args) -> tuple[Rollout, dict]:
+    """Per-token rewards and advantages for a sampled batch. Returns the rollout and its statistics."""
+    mask = batch["response_mask"].float()
+    kl = kl_per_token(batch["logprobs"], batch["ref_logprobs"], args.kl_estimator) * mask
+    values = returns = None
+    if args.advantage_estimator == "gae":
+        with torch.no_grad():
+            values = critic(batch["query_responses"], batch["attention_mask"])
+            values = values[:, batch["prompt_length"] - 1 : -1] * mask
+        rewards = per_token_rewards(batch["scores"], kl, mask, kl_coef)
+        if args.whiten_rewards:
+            # whiten(rewards, shift_mean=False) of lm-human-preferences: (r - mean) / std + mean. Not a
+            # pure rescaling: every token gains mean * (1 - 1 / std), a constant per token that favours
+            # long responses when positive and short ones when negative.
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = compute_gae(rewards, values, mask, args.gamma, args.gae_lambda)
+        # Whitened over the valid tokens of the whole rollout (arXiv:2403.17031): padding must not
+        # shift the statistics.
+        if args.norm_adv:
+            advantages = masked_whiten(advantages, mask)
+    else:
+        # The KL-penalized reward summed per response, R = score - beta * sum_t KL_t, as in RLOO
+        # (arXiv:2402.14740, sec. 3). GRPO puts a k3 KL term in the loss instead (eq. 3 of
+        # arXiv:2402.03300); the toy keeps it in the reward for both, so the KL penalty means the same
+        # for the three estimators (with grpo it is divided by the group's std along with the score).
+        sequence_rewards = batch["scores"] - kl_coef * kl.sum(dim=1)
+        sequence_advantages = group_advantages(sequence_rewards, args.samples_per_prompt, args.advantage_estimator)
+        # Every token of a response gets its response's advantage, as the papers define it: no
+        # whitening over tokens, whose token-weighted mean would shift the baseline by length.
+        advantages = sequence_advantages[:, None] * mask
+    rollout = Rollout(
+        batch["query_responses"], batch["attention_mask"], mask, batch["logprobs"], values,
+        advantages, returns, batch["prompt_length"],
+    )  # fmt: skip
+    stats = {
+        "score": batch["scores"].mean().item(),
+        "kl": (kl.sum(1)).mean().item(),
+        "kl_exact": (batch["exact_kl"] * mask).sum(1).mean().item(),
+        "non_score_reward": (-kl_coef * kl.sum(1)).mean().item(),
+        "entropy": masked_mean(batch["entropy"], mask).item(),
+    }
+    return rollout, stats
+
+
+def policy_forward(policy, critic, rollout: Rollout, idx, args: Args):
+    """New log-probs, entropy (B, R) and values (B, R) or None for the rows idx of the rollout."""
+    tokens, mask = rollout.query_responses[idx], rollout.attention_mask[idx]
+    logits = response_logits(policy, tokens, mask, rollout.prompt_length, args.temperature)
+    responses = tokens[:, rollout.prompt_length :]
+    values = None
+    if critic is not None:
+        values = critic(tokens, mask)[:, rollout.prompt_length - 1 : -1]
+    return logprobs_of(logits, responses), entropy_from_logits(logits), values
+
+
+def update_policy(policy, critic, optimizer, rollout: Rollout, args: Args) -> dict:
+    """update_epochs passes over the rollout in shuffled minibatches of responses; returns mean statistics.
+
+    The statistics of every minibatch stay on the device until the update ends (no host sync per
+    minibatch); they are also returned in order under "minibatches": the first one's ratio is exactly 1.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    history = []
+    for epoch in range(1, args.update_epochs + 1):  # noqa: B007 (epoch is reported below)
+        # A fresh permutation each epoch: every response is used exactly once per epoch.
+        permutation = torch.randperm(args.batch_size, device=rollout.logprobs.device)
+        for start in range(0, args.batch_size, args.minibatch_size):
+            idx = permutation[start : start + args.minibatch_size]
+            new_logprobs, entropy, new_values = policy_forward(policy, critic, rollout, idx, args)
+            loss, stats = ppo_loss(
+                new_logprobs, rollout.logprobs[idx], entropy, new_values,
+                None if rollout.values is None else rollout.values[idx],
+                rollout.advantages[idx], None if rollout.returns is None else rollout.returns[idx],
+                rollout.response_mask[idx], args,
+            )  # fmt: skip
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # one global norm, all weights
+            optimizer.step()
+            history.append(stats)
+        # Early stop on the KL of the last minibatch of the epoch (implementation detail 12 of Huang et al.).
+        if args.target_kl is not None and stats["approx_kl"].item() > args.target_kl:
+            break
+    keys = list(history[0])
+    table = torch.stack([torch.stack([stats[key] for key in keys]) for stats in history]).tolist()
+    minibatches = [dict(zip(keys, row, strict=True)) for row in table]
+    result = {key: sum(stats[key] for stats in minibatches) / len(minibatches) for key in keys}  # averages
+    result["first_minibatch_ratio_deviation"] = minibatches[0]["ratio_max_deviation"]  # 0 unless they disagree
+    result["minibatches"] = minibatches
+    result["epochs"] = epoch
+    result["learning_rate"] = optimizer.param_groups[0]["lr"]
+    return result
+
+
+def train(args: Args) -> dict:
+    """SFT, the reward model, then PPO; returns the summary that is also written to <run>/summary.json."""
+    with Run(args) as run:  # checks args and checkpoints; seeding, device, run folder, logs, Ctrl-C / SIGTERM
+        sft, reward_model = build_models(args, run)  # stages 1 and 2 (after train()): trained, or loaded
+        # The policy and the reference start as copies of the SFT model; the reference is a
+        # distinct, frozen object, so updating the policy can never move it.
+        policy, reference = copy.deepcopy(sft).train().requires_grad_(True), sft
+        critic = None
+        if args.advantage_estimator == "gae":
+            # The critic: the SFT trunk with a zero-initialized value head, so V = 0 at the start
+            # and the first advantages are the plain rewards (detail from lm-human-preferences).
+            critic = ScalarModel(sft.config, head_std=0.0).to(run.device)
+            critic.trunk.load_state_dict(sft.trunk.state_dict())
+        params = list(policy.parameters()) + ([] if critic is None else list(critic.parameters()))
+        optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
+        # PPO starts from the same random state whether the stages were trained or loaded, so a
+        # rerun with --sft-checkpoint / --reward-model-checkpoint reproduces the PPO numbers.
+        torch.manual_seed(args.seed + 6)
+        kl_controller = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
+        prompt_rng = random.Random(args.seed + 4)
+        run.begin_ppo(policy, reference, reward_model, kl_controller)  # evaluates the SFT policy first
+
+        for iteration in range(1, args.num_iterations + 1):
+            if args.anneal_lr:  # linear annealing of the learning rate to 0
+                optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
+
+            # COLLECT TRAJECTORIES: num_prompts prompts, each repeated samples_per_prompt times (rows of a
+            # group are adjacent, as group_advantages expects)
+            prompts = make_prompts(args.num_prompts, args.max_prompt_words, prompt_rng)
+            prompts = [p for p in prompts for _ in range(args.samples_per_prompt)]
+            batch = collect_rollout(policy, reference, reward_model, prompts, args, run.device)
+
+            # CALCULATE ADVANTAGE
+            rollout, rollout_stats = compute_advantages(batch, critic, kl_controller.value, args)
+
+            # UPDATE NETWORK
+            stats = update_policy(policy, critic, optimizer, rollout, args)
+            if args.adaptive_kl:
+                kl_controller.update(rollout_stats["kl"], args.batch_size)
+
+            run.log(iteration, batch, rollout_stats, stats)  # TensorBoard, progress, evaluations; stops on NaN
+
+        run.finish()  # policy.pt, the final evaluation, summary.json
+    return run.summary
+
+
+# STAGES 1 AND 2: THE SFT MODEL AND THE REWARD MODEL (train() runs them before PPO)
+
+
+def build_models(args: Args, run: Run) -> tuple[LanguageModel, ScalarModel]:
+    """Stages 1 and 2: the SFT model and the (normalized) reward model, trained or taken from the
+    checkpoints given (run.given), saved into the run folder and frozen."""
+    if "sft" in run.given:
+        sft = run.given["sft"][0].to(run.device)
+        print(f"SFT model loaded from {args.sft_checkpoint}")
+    else:
+        sft = train_sft(args, run.device, run.writer)
+    save_checkpoint(run.dir / "sft.pt", sft, "sft")
+    normalization = normalization_key(sft, args)
+    if "reward_model" in run.given:
+        reward_model, metadata = run.given["reward_model"]
+        reward_model = reward_model.to(run.device)
+        print(f"reward model loaded from {args.reward_model_checkpoint}")
+        if metadata.get("normalized_on") != normalization:
+            print("its score normalization was fitted on another SFT model or sampling setting: refitting it")
+            fit_reward_normalization(reward_model, sft, args, run.device)
+    else:
+        reward_model = train_reward_model(args, sft, run.device, run.writer)
+        fit_reward_normalization(reward_model, sft, args, run.device)
+    save_checkpoint(run.dir / "reward_model.pt", reward_model, "reward_model", {"normalized_on": normalization})
+    for model in (sft, reward_model):
+        model.eval().requires_grad_(False)
+    return sft, reward_model
 
 
 def sentence_batch(sentences: list[list[str]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -883,85 +985,209 @@ def train_reward_model(args: Args, sft: LanguageModel, device, writer) -> Scalar
     return model
 
 
-def normalization_key(sft: LanguageModel, args: Args) -> dict:
-    """What the reward model's normalization depends on: the SFT model (a hash of its weights) and
-    the settings it samples with. Saved with the reward model, compared when it is reused."""
-    digest = hashlib.sha256()
-    for name, tensor in sft.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return {"sft_sha256": digest.hexdigest()[:16], "temperature": args.temperature,
-            "response_length": args.response_length, "max_prompt_words": args.max_prompt_words}  # fmt: skip
-
-
 @torch.no_grad()
 def fit_reward_normalization(reward_model: ScalarModel, sft: LanguageModel, args: Args, device) -> None:
     """Normalize on SFT samples so the SFT policy scores mean 0, std 1 (Ziegler et al.)."""
     reward_model.score_mean.zero_()
     reward_model.score_std.fill_(1.0)
     prompts = make_prompts(1024, args.max_prompt_words, random.Random(args.seed + 3))
-    raw = sample_and_score(sft, sft, reward_model, prompts, args, device)["raw_scores"]
+    raw = collect_rollout(sft, sft, reward_model, prompts, args, device)["raw_scores"]
     reward_model.score_mean.copy_(raw.mean())
     reward_model.score_std.copy_(raw.std())
 
 
-@torch.no_grad()
-def reward_model_accuracy(model: ScalarModel, rng: random.Random, device, num_pairs: int = 1000):
-    """The fraction of fresh pairs with different gold scores that the reward model orders right."""
-    a = [sample_sentence(rng) for _ in range(num_pairs)]
-    b = [sample_sentence(rng) for _ in range(num_pairs)]
-    scores = reward_model_score(model, *sentence_batch(a + b, device), normalize=False)
-    gold_diff = torch.tensor([gold_score(x) - gold_score(y) for x, y in zip(a, b, strict=True)], device=device)
-    score_diff = scores[:num_pairs] - scores[num_pairs:]
-    decided = gold_diff != 0
-    return ((score_diff * gold_diff > 0) & decided).sum().item() / max(decided.sum().item(), 1)
+# ==== PLUMBING: below this line nothing changes what PPO computes ====
 
 
-# PROMPTS, ROLLOUTS, EVALUATION, UPDATE
+class ConfigError(ValueError):
+    """Bad input (flags, checkpoint): main() prints it as one line and exits with code 2."""
 
 
-def make_prompts(num: int, max_words: int, rng: random.Random) -> list[list[int]]:
-    """Prompts = BOS + the first 1..max_words words of fresh grammar sentences."""
-    return [[BOS, *encode(sample_sentence(rng)[: rng.randint(1, max_words)])] for _ in range(num)]
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: the run stops and keeps its last good policy."""
 
 
-@torch.no_grad()
-def sample_and_score(policy, reference, reward_model, prompts, args: Args, device):
-    """Sample one response per prompt and score it: everything a rollout or an evaluation needs.
+class Run:
+    """Everything around the pipeline for one training run, used as `with Run(args) as run:`.
 
-    Returns a dict of tensors on device: query_responses (B, P+R), attention_mask (B, P+R),
-    responses (B, R), response_mask (B, R), has_eos (B,), scores (B,) (proxy, with the missing-EOS
-    penalty), raw_scores (B,), logprobs / ref_logprobs / exact_kl / entropy (B, R); and the time
-    spent sampling.
+    It owns the run folder, TensorBoard (and W&B with --track), the progress line, the time split,
+    the checkpoints (sft.pt and reward_model.pt from the stages; policy.pt at the end, on Ctrl-C /
+    SIGTERM, and the last good policy after a NaN), the evaluations and summary.json, the dict train()
+    returns. Ctrl-C or SIGTERM anywhere inside the block saves the policy (if PPO had begun and not
+    finished), writes the summary and returns normally.
     """
-    query, query_mask = (t.to(device) for t in left_pad(prompts))
-    start = time.perf_counter()
-    responses, _ = generate(policy, query, query_mask, args.response_length, args.temperature)
-    sampling_time = time.perf_counter() - start
-    responses, response_mask, has_eos = truncate_after_eos(responses)
-    query_responses = torch.cat([query, responses], dim=1)
-    attention_mask = torch.cat([query_mask, response_mask], dim=1)
-    prompt_length = query.shape[1]
-    # Recompute the log-probs with one full forward pass rather than keeping those of sampling:
-    # the update recomputes them with the same function, so the first ratio is exactly 1.
-    logits = response_logits(policy, query_responses, attention_mask, prompt_length, args.temperature)
-    ref_logits = response_logits(reference, query_responses, attention_mask, prompt_length, args.temperature)
-    raw_scores = reward_model_score(reward_model, query_responses, attention_mask)
-    return {
-        "query_responses": query_responses,
-        "attention_mask": attention_mask,
-        "prompt_length": prompt_length,
-        "responses": responses,
-        "response_mask": response_mask,
-        "has_eos": has_eos,
-        "raw_scores": raw_scores,
-        "scores": apply_missing_eos_penalty(raw_scores, has_eos, args.missing_eos_penalty),
-        "logprobs": logprobs_of(logits, responses),
-        "ref_logprobs": logprobs_of(ref_logits, responses),
-        "exact_kl": exact_kl(logits, ref_logits),
-        "entropy": entropy_from_logits(logits),
-        "sampling_time": sampling_time,
-    }
+
+    def __init__(self, args: Args):
+        validate_args(args)
+        self.given = load_given_checkpoints(args)  # {stage: (model, metadata)}, checked before any stage trains
+        self.args = args
+        seed_everything(args.seed, args.torch_deterministic)
+        self.device = select_device(args)
+        self.dir = Path(args.runs_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the run folder {self.dir}: {e.strerror}") from None
+        self.checkpoint_path = self.dir / "policy.pt"
+        self.iteration = 0
+        self.sampling_time = self.update_time = 0.0
+        self.sampled_tokens = self.updated_tokens = 0
+        self.status, self.stopped_by, self.training_done, self.summary = "completed", None, False, {}
+        if args.track:
+            start_wandb(args, self.dir)
+        self.writer = SummaryWriter(str(self.dir))
+        hyperparameters = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+        self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
+
+    def __enter__(self) -> Run:
+        self.previous_sigterm = None
+        if threading.current_thread() is threading.main_thread():  # SIGTERM (cluster schedulers) as Ctrl-C
+            self.previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.start_time = self.last_print = time.time()
+        return self
+
+    def _on_sigterm(self, signum, frame):
+        self.stopped_by = "SIGTERM"
+        raise KeyboardInterrupt
+
+    def begin_ppo(self, policy, reference, reward_model, kl_controller) -> None:
+        """Register what PPO trains and reads (policy.pt saves the policy); evaluate the SFT policy."""
+        self.model = (policy, reference, reward_model, kl_controller)
+        self.last_good_policy = copy.deepcopy(policy.state_dict())  # put back if an update diverges
+        self.eval_prompts = make_prompts(
+            self.args.eval_prompts, self.args.max_prompt_words, random.Random(self.args.seed + 5)
+        )
+        evaluation = self.evaluate_policy(0)
+        self.summary.update(history=[], sft={k: v for k, v in evaluation.items() if k != "texts"},
+                            samples_before=evaluation["texts"][: self.args.num_sample_texts])  # fmt: skip
+        print_eval("SFT policy (before PPO)", evaluation, self.args.num_sample_texts)
+        self.ppo_start = time.time()
+
+    def log(self, iteration: int, batch: dict, rollout_stats: dict, stats: dict) -> None:
+        """Check the update, then log the iteration's scalars at x = responses sampled so far, under the tags
+        of the RLHF references (objective/, losses/, charts/); evaluate every --eval-interval iterations."""
+        policy, _, _, kl_controller = self.model
+        episode = iteration * self.args.batch_size
+        if not math.isfinite(stats["loss"]) or not weights_are_finite(policy):
+            policy.load_state_dict(self.last_good_policy)
+            self.save()
+            raise TrainingDiverged(
+                f"the loss became NaN or infinite at iteration {iteration} (episode {episode:,}); stopped, "
+                f"the policy before that update is kept in {self.checkpoint_path}"
+            )
+        self.last_good_policy = copy.deepcopy(policy.state_dict())
+        self.iteration = iteration
+        # The time split: sampling is generate() itself; the update (advantages included) runs from the end
+        # of the collection to now.
+        self.sampling_time += batch["sampling_time"]
+        self.update_time += time.perf_counter() - batch["collected_at"]
+        self.sampled_tokens += self.args.batch_size * self.args.response_length
+        self.updated_tokens += batch["query_responses"].numel() * stats["epochs"]
+        quality = text_metrics(batch)
+        record = {"iteration": iteration, "episode": episode, **rollout_stats,
+                  "gold": quality["gold"], "gold_valid": quality["gold_valid"], "validity": quality["validity"],
+                  "eos_rate": quality["eos_rate"], "response_length": quality["response_length"],
+                  "beta": kl_controller.value,
+                  # max |ratio - 1| on the update's first minibatch: 0 unless rollout and update disagree
+                  "first_minibatch_ratio_deviation": stats["first_minibatch_ratio_deviation"]}  # fmt: skip
+        self.summary["history"].append(record)
+        write = self.writer.add_scalar
+        for key in ("score", "kl", "kl_exact", "non_score_reward", "entropy", "gold", "gold_valid", "validity"):
+            if record[key] is not None:
+                write(f"objective/{key}", record[key], episode)
+        write("objective/rlhf_reward", record["score"] + record["non_score_reward"], episode)
+        for key in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"):
+            write(f"losses/{key}", stats[key], episode)  # averages over all minibatches
+        write("losses/first_minibatch_ratio_deviation", record["first_minibatch_ratio_deviation"], episode)
+        write("charts/beta", record["beta"], episode)
+        write("charts/learning_rate", stats["learning_rate"], episode)
+        write("charts/eos_rate", record["eos_rate"], episode)
+        write("charts/response_length", record["response_length"], episode)
+        write("charts/update_epochs", stats["epochs"], episode)
+        write("charts/sampling_tokens_per_s", self.sampled_tokens / self.sampling_time, episode)
+        write("charts/update_tokens_per_s", self.updated_tokens / self.update_time, episode)
+        first_or_last = self.last_print == self.start_time or iteration == self.args.num_iterations
+        if first_or_last or time.time() - self.last_print >= 10:
+            self.last_print = time.time()
+            print(self.progress_line(record), flush=True)
+        if iteration % self.args.eval_interval == 0 and iteration != self.args.num_iterations:
+            self.evaluate_policy(episode)
+
+    def progress_line(self, record: dict) -> str:
+        elapsed = time.time() - self.ppo_start
+        eta = format_duration(elapsed / self.iteration * (self.args.num_iterations - self.iteration))
+        return (
+            f"iteration {self.iteration:>3}/{self.args.num_iterations} | {format_duration(elapsed)} ETA {eta} | "
+            f"score {record['score']:+.2f} gold {record['gold']:+.2f} valid {record['validity']:.0%} | KL "
+            f"{record['kl']:.2f} beta {record['beta']:.3f} | first-minibatch |ratio-1| "
+            f"{record['first_minibatch_ratio_deviation']:.2g}"
+        )
+
+    def evaluate_policy(self, step: int) -> dict:
+        """Evaluate the policy on the held-out prompts (one response each); log it under eval/ at x = step."""
+        policy, reference, reward_model, _ = self.model
+        evaluation = evaluate(policy, reference, reward_model, self.eval_prompts, self.args, self.device)
+        for key, value in evaluation.items():
+            if key != "texts" and value is not None:
+                self.writer.add_scalar(f"eval/{key}", value, step)
+        return evaluation
+
+    def save(self) -> None:
+        save_checkpoint(self.checkpoint_path, self.model[0], "policy")
+
+    def finish(self) -> None:
+        """Save the final policy, then evaluate it on the held-out prompts."""
+        self.save()
+        self.training_done, self.training_end = True, time.time()  # wall time: training only
+        evaluation = self.evaluate_policy(self.iteration * self.args.batch_size)
+        self.summary.update(
+            final={k: v for k, v in evaluation.items() if k != "texts"},
+            samples_after=evaluation["texts"][: self.args.num_sample_texts], final_beta=self.model[3].value,
+            sampling_tokens_per_s=self.sampled_tokens / self.sampling_time,
+            update_tokens_per_s=self.updated_tokens / self.update_time, ppo_time_s=time.time() - self.ppo_start,
+        )  # fmt: skip
+        self.writer.add_text("samples/before", "\n\n".join(self.summary["samples_before"]), 0)
+        self.writer.add_text("samples/after", "\n\n".join(self.summary["samples_after"]), self.iteration)
+        print_eval("policy after PPO", evaluation, self.args.num_sample_texts)
+
+    def __exit__(self, exc_type, exc, traceback) -> bool:
+        if self.previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self.previous_sigterm)
+        if exc_type is KeyboardInterrupt:
+            self.status, self.stopped_by = "interrupted", self.stopped_by or "SIGINT"
+            if hasattr(self, "model") and not self.training_done:
+                self.save()
+            where = "in the final evaluation" if self.training_done else f"at iteration {self.iteration}"
+            print(f"interrupted ({self.stopped_by}) {where}; checkpoint: {self.saved_checkpoint()}", flush=True)
+        elif exc_type is not None:
+            self.status = "diverged" if exc_type is TrainingDiverged else "failed"
+        wall_time = (self.training_end if self.training_done else time.time()) - self.start_time
+        self.summary = {
+            "script": SCRIPT_NAME, "seed": self.args.seed, "status": self.status,
+            "advantage_estimator": self.args.advantage_estimator, "kl_coef": self.args.kl_coef,
+            "iterations": self.iteration, "episodes": self.iteration * self.args.batch_size, "wall_time_s": wall_time,
+            "run_dir": str(self.dir), "checkpoint": self.saved_checkpoint(), **self.summary,
+        }  # fmt: skip
+        if self.stopped_by:
+            self.summary["stopped_by"] = self.stopped_by
+        (self.dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
+        self.writer.close()
+        if self.args.track:
+            import wandb
+
+            wandb.finish()
+        if self.status == "completed" and exc_type is None:
+            s, duration = self.summary, format_duration(wall_time)
+            print(f"done: {s['episodes']:,} responses in {duration}; sampling {s['sampling_tokens_per_s']:,.0f} tokens/s, "
+                  f"update {s['update_tokens_per_s']:,.0f} tokens/s | {self.dir}")  # fmt: skip
+        return exc_type is KeyboardInterrupt  # handled: train() returns the summary
+
+    def saved_checkpoint(self) -> str | None:
+        return str(self.checkpoint_path) if self.checkpoint_path.exists() else None
+
+
+def weights_are_finite(model: nn.Module) -> bool:
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())  # one host sync
 
 
 def text_metrics(batch: dict) -> dict:
@@ -994,7 +1220,7 @@ def text_metrics(batch: dict) -> dict:
 def evaluate(policy, reference, reward_model, prompts, args: Args, device) -> dict:
     """Proxy and gold reward, validity, EOS rate, length, distinct-2 and KL (k1, k3, exact) to the
     reference, on a fixed set of held-out prompts (one response each)."""
-    batch = sample_and_score(policy, reference, reward_model, prompts, args, device)
+    batch = collect_rollout(policy, reference, reward_model, prompts, args, device)
     mask = batch["response_mask"]
     per_response = lambda x: (x * mask).sum(1).mean().item()  # noqa: E731 (nats per response)
     return {
@@ -1004,157 +1230,6 @@ def evaluate(policy, reference, reward_model, prompts, args: Args, device) -> di
         "kl_k3": per_response(kl_per_token(batch["logprobs"], batch["ref_logprobs"], "k3")),
         "kl_exact": per_response(batch["exact_kl"]),
     }
-
-
-def policy_forward(policy, critic, rollout: Rollout, idx, args: Args):
-    """New log-probs, entropy (B, R) and values (B, R) or None for the rows idx of the rollout."""
-    tokens, mask = rollout.query_responses[idx], rollout.attention_mask[idx]
-    logits = response_logits(policy, tokens, mask, rollout.prompt_length, args.temperature)
-    responses = tokens[:, rollout.prompt_length :]
-    values = None
-    if critic is not None:
-        values = critic(tokens, mask)[:, rollout.prompt_length - 1 : -1]
-    return logprobs_of(logits, responses), entropy_from_logits(logits), values
-
-
-def ppo_update(policy, critic, optimizer, rollout: Rollout, args: Args) -> list[dict]:
-    """update_epochs passes over the rollout in shuffled minibatches of responses.
-
-    Returns the statistics of every minibatch in order: the first one's ratio is exactly 1.
-    They stay on the device until the update ends (no host sync per minibatch).
-    """
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    history = []
-    for _epoch in range(args.update_epochs):
-        permutation = torch.randperm(args.batch_size, device=rollout.logprobs.device)
-        for start in range(0, args.batch_size, args.minibatch_size):
-            idx = permutation[start : start + args.minibatch_size]
-            new_logprobs, entropy, new_values = policy_forward(policy, critic, rollout, idx, args)
-            loss, stats = ppo_loss(
-                new_logprobs, rollout.logprobs[idx], entropy, new_values,
-                None if rollout.values is None else rollout.values[idx],
-                rollout.advantages[idx], None if rollout.returns is None else rollout.returns[idx],
-                rollout.response_mask[idx], args,
-            )  # fmt: skip
-            optimizer.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # one global norm, all weights
-            optimizer.step()
-            history.append(stats)
-        if args.target_kl is not None and stats["approx_kl"].item() > args.target_kl:
-            break
-    keys = list(history[0])
-    table = torch.stack([torch.stack([stats[key] for key in keys]) for stats in history]).tolist()
-    return [dict(zip(keys, row, strict=True)) for row in table]
-
-
-def make_rollout(batch: dict, critic, kl_coef: float, args: Args) -> tuple[Rollout, dict]:
-    """Per-token rewards and advantages for a sampled batch. Returns the rollout and its statistics."""
-    mask = batch["response_mask"].float()
-    kl = kl_per_token(batch["logprobs"], batch["ref_logprobs"], args.kl_estimator) * mask
-    values = returns = None
-    if args.advantage_estimator == "gae":
-        with torch.no_grad():
-            values = critic(batch["query_responses"], batch["attention_mask"])
-            values = values[:, batch["prompt_length"] - 1 : -1] * mask
-        rewards = per_token_rewards(batch["scores"], kl, mask, kl_coef)
-        if args.whiten_rewards:
-            # whiten(rewards, shift_mean=False) of lm-human-preferences: (r - mean) / std + mean. Not a
-            # pure rescaling: every token gains mean * (1 - 1 / std), a constant per token that favours
-            # long responses when positive and short ones when negative.
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
-        advantages, returns = compute_gae(rewards, values, mask, args.gamma, args.gae_lambda)
-        # Whitened over the valid tokens of the whole rollout (arXiv:2403.17031): padding must not
-        # shift the statistics.
-        if args.norm_adv:
-            advantages = masked_whiten(advantages, mask)
-    else:
-        # The KL-penalized reward summed per response, R = score - beta * sum_t KL_t, as in RLOO
-        # (arXiv:2402.14740, sec. 3). GRPO puts a k3 KL term in the loss instead (eq. 3 of
-        # arXiv:2402.03300); the toy keeps it in the reward for both, so the KL penalty means the same
-        # for the three estimators (with grpo it is divided by the group's std along with the score).
-        sequence_rewards = batch["scores"] - kl_coef * kl.sum(dim=1)
-        sequence_advantages = group_advantages(sequence_rewards, args.samples_per_prompt, args.advantage_estimator)
-        # Every token of a response gets its response's advantage, as the papers define it: no
-        # whitening over tokens, whose token-weighted mean would shift the baseline by length.
-        advantages = sequence_advantages[:, None] * mask
-    rollout = Rollout(
-        batch["query_responses"], batch["attention_mask"], mask, batch["logprobs"], values,
-        advantages, returns, batch["prompt_length"],
-    )  # fmt: skip
-    stats = {
-        "score": batch["scores"].mean().item(),
-        "kl": (kl.sum(1)).mean().item(),
-        "kl_exact": (batch["exact_kl"] * mask).sum(1).mean().item(),
-        "non_score_reward": (-kl_coef * kl.sum(1)).mean().item(),
-        "entropy": masked_mean(batch["entropy"], mask).item(),
-    }
-    return rollout, stats
-
-
-# CHECKPOINTS
-
-
-def save_model(path: Path, model: nn.Module, stage: str, metadata: dict | None = None) -> None:
-    """One stage's weights with the model shape (and metadata), written to a temporary file and renamed."""
-    payload = {"script": SCRIPT_NAME, "stage": stage, "config": asdict(model.config),
-               "model": model.state_dict(), "metadata": metadata or {}}  # fmt: skip
-    tmp_path = path.with_suffix(".tmp")
-    torch.save(payload, tmp_path)
-    tmp_path.replace(path)
-
-
-def load_model(path: str, stage: str, model: nn.Module) -> tuple[nn.Module, dict]:
-    """Load a stage checkpoint of this script into model, or raise a one-line ConfigError.
-
-    Returns the model and the metadata saved with it.
-    """
-    if not Path(path).is_file():
-        raise ConfigError(f"checkpoint {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("script") != SCRIPT_NAME:
-        raise ConfigError(f"{path} is not a checkpoint of {SCRIPT_NAME}")
-    if payload.get("stage") != stage:
-        raise ConfigError(f"{path} holds the {payload.get('stage')} model, not the {stage} model")
-    if payload["config"] != asdict(model.config):
-        raise ConfigError(f"{path} has model shape {payload['config']}, but the flags ask for {asdict(model.config)}")
-    model.load_state_dict(payload["model"])
-    return model, payload.get("metadata", {})
-
-
-# TRAINING
-
-
-def weights_are_finite(model: nn.Module) -> bool:
-    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())  # one host sync
-
-
-def select_device(args: Args) -> torch.device:
-    return torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:  # cuBLAS needs this before its first call to have deterministic matmuls
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    # warn_only: a CUDA op without a deterministic kernel warns instead of stopping the run
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    torch.backends.cudnn.deterministic = deterministic
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def log_eval(writer, prefix: str, metrics: dict, step: int) -> None:
-    for key, value in metrics.items():
-        if key != "texts" and value is not None:
-            writer.add_scalar(f"{prefix}/{key}", value, step)
 
 
 def print_eval(title: str, metrics: dict, num_texts: int) -> None:
@@ -1169,25 +1244,60 @@ def print_eval(title: str, metrics: dict, num_texts: int) -> None:
         print(f"    {text}")
 
 
-def log_iteration(writer, record: dict, history: list[dict], throughput: dict, optimizer, args):
-    """TensorBoard scalars of one PPO iteration, at x = responses sampled so far."""
-    episode = record["episode"]
-    for key in ("score", "kl", "kl_exact", "non_score_reward", "entropy", "gold", "gold_valid", "validity"):
-        if record[key] is not None:
-            writer.add_scalar(f"objective/{key}", record[key], episode)
-    rlhf_reward = record["score"] + record["non_score_reward"]
-    writer.add_scalar("objective/rlhf_reward", rlhf_reward, episode)
-    for key in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"):
-        mean = sum(stats[key] for stats in history) / len(history)  # over all minibatches
-        writer.add_scalar(f"losses/{key}", mean, episode)
-    writer.add_scalar("losses/first_minibatch_ratio_deviation", record["first_minibatch_ratio_deviation"], episode)
-    writer.add_scalar("charts/beta", record["beta"], episode)
-    writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], episode)
-    writer.add_scalar("charts/eos_rate", record["eos_rate"], episode)
-    writer.add_scalar("charts/response_length", record["response_length"], episode)
-    writer.add_scalar("charts/update_epochs", len(history) // args.num_minibatches, episode)
-    for key, value in throughput.items():
-        writer.add_scalar(f"charts/{key}", value, episode)
+@torch.no_grad()
+def reward_model_accuracy(model: ScalarModel, rng: random.Random, device, num_pairs: int = 1000):
+    """The fraction of fresh pairs with different gold scores that the reward model orders right."""
+    a = [sample_sentence(rng) for _ in range(num_pairs)]
+    b = [sample_sentence(rng) for _ in range(num_pairs)]
+    scores = reward_model_score(model, *sentence_batch(a + b, device), normalize=False)
+    gold_diff = torch.tensor([gold_score(x) - gold_score(y) for x, y in zip(a, b, strict=True)], device=device)
+    score_diff = scores[:num_pairs] - scores[num_pairs:]
+    decided = gold_diff != 0
+    return ((score_diff * gold_diff > 0) & decided).sum().item() / max(decided.sum().item(), 1)
+
+
+def normalization_key(sft: LanguageModel, args: Args) -> dict:
+    """What the reward model's normalization depends on: the SFT model (a hash of its weights) and
+    the settings it samples with. Saved with the reward model, compared when it is reused."""
+    digest = hashlib.sha256()
+    for name, tensor in sft.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return {"sft_sha256": digest.hexdigest()[:16], "temperature": args.temperature,
+            "response_length": args.response_length, "max_prompt_words": args.max_prompt_words}  # fmt: skip
+
+
+def save_checkpoint(path: Path, model: nn.Module, stage: str, metadata: dict | None = None) -> None:
+    """One stage's weights with the model shape (and metadata) in one file.
+
+    Written to a temporary file and renamed, so an interrupted save never destroys the last one.
+    """
+    checkpoint = {"script": SCRIPT_NAME, "stage": stage, "config": asdict(model.config),
+                  "model": model.state_dict(), "metadata": metadata or {}}  # fmt: skip
+    tmp_path = path.with_suffix(".tmp")
+    torch.save(checkpoint, tmp_path)
+    os.replace(tmp_path, path)
+
+
+def load_checkpoint(path: str, stage: str, model: nn.Module) -> tuple[nn.Module, dict]:
+    """Load a checkpoint of this script's `stage` into model (the flags' shape); returns it and its metadata."""
+    if not Path(path).is_file():
+        raise ConfigError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("script") != SCRIPT_NAME:
+        script = checkpoint.get("script", "unknown") if isinstance(checkpoint, dict) else "unknown"
+        raise ConfigError(f"{path} is a checkpoint of {script}, not of {SCRIPT_NAME}")
+    if checkpoint.get("stage") != stage:
+        raise ConfigError(f"{path} holds the {checkpoint.get('stage')} model, not the {stage} model")
+    if checkpoint["config"] != asdict(model.config):
+        raise ConfigError(
+            f"{path} has model shape {checkpoint['config']}, but the flags ask for {asdict(model.config)}"
+        )
+    model.load_state_dict(checkpoint["model"])
+    return model, checkpoint.get("metadata", {})
 
 
 def load_given_checkpoints(args: Args) -> dict:
@@ -1196,253 +1306,166 @@ def load_given_checkpoints(args: Args) -> dict:
     config = ModelConfig.from_args(args)
     given = {}
     if args.sft_checkpoint:
-        given["sft"] = load_model(args.sft_checkpoint, "sft", LanguageModel(config))
+        given["sft"] = load_checkpoint(args.sft_checkpoint, "sft", LanguageModel(config))
     if args.reward_model_checkpoint:
         reward_model = ScalarModel(config, head_std=1.0 / math.sqrt(args.n_embd + 1))
-        given["reward_model"] = load_model(args.reward_model_checkpoint, "reward_model", reward_model)
+        given["reward_model"] = load_checkpoint(args.reward_model_checkpoint, "reward_model", reward_model)
     return given
 
 
-def build_models(args: Args, given: dict, device, writer, run_dir: Path):
-    """Stages 1 and 2: the SFT model and the (normalized) reward model, trained or taken from `given`."""
-    if "sft" in given:
-        sft = given["sft"][0].to(device)
-        print(f"SFT model loaded from {args.sft_checkpoint}")
-    else:
-        sft = train_sft(args, device, writer)
-    save_model(run_dir / "sft.pt", sft, "sft")
-    normalization = normalization_key(sft, args)
-    if "reward_model" in given:
-        reward_model, metadata = given["reward_model"]
-        reward_model = reward_model.to(device)
-        print(f"reward model loaded from {args.reward_model_checkpoint}")
-        if metadata.get("normalized_on") != normalization:
-            print("its score normalization was fitted on another SFT model or sampling setting: refitting it")
-            fit_reward_normalization(reward_model, sft, args, device)
-    else:
-        reward_model = train_reward_model(args, sft, device, writer)
-        fit_reward_normalization(reward_model, sft, args, device)
-    save_model(run_dir / "reward_model.pt", reward_model, "reward_model", {"normalized_on": normalization})
-    for model in (sft, reward_model):
-        model.eval().requires_grad_(False)
-    return sft, reward_model
-
-
-def train(args: Args) -> dict:
-    """Run SFT, the reward model and PPO; return the summary also written to <run>/summary.json."""
-    validate_args(args)
-    given = load_given_checkpoints(args)  # before the run folder exists: a rejected input leaves none
-    seed_everything(args.seed, args.torch_deterministic)
-    torch.set_num_threads(args.num_threads)
-    device = select_device(args)
-    run_dir = Path(args.runs_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if args.track:
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name,
-            config=asdict(args), dir=str(run_dir), sync_tensorboard=True,
-        )  # fmt: skip
-    writer = SummaryWriter(str(run_dir))
-    hyperparameters = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
-    start_time = time.time()
-    summary = {"script": SCRIPT_NAME, "seed": args.seed, "status": "failed",
-               "advantage_estimator": args.advantage_estimator, "kl_coef": args.kl_coef,
-               "run_dir": str(run_dir)}  # fmt: skip
-    policy = None
-
-    # SIGTERM (e.g. from a cluster scheduler) is handled like Ctrl-C: save, flush, exit.
-    def raise_interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous_sigterm = None
-    if threading.current_thread() is threading.main_thread():
-        previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
+def require_module(module: str, purpose: str) -> None:
+    """Fail early with the install command when an optional package is missing."""
     try:
-        sft, reward_model = build_models(args, given, device, writer, run_dir)
-        # The policy and the reference start as copies of the SFT model; the reference is a
-        # distinct, frozen object, so updating the policy can never move it.
-        policy = copy.deepcopy(sft).train().requires_grad_(True)
-        reference = sft
-        critic = None
-        if args.advantage_estimator == "gae":
-            # The critic: the SFT trunk with a zero-initialized value head, so V = 0 at the start
-            # and the first advantages are the plain rewards (detail from lm-human-preferences).
-            critic = ScalarModel(sft.config, head_std=0.0).to(device)
-            critic.trunk.load_state_dict(sft.trunk.state_dict())
-        params = list(policy.parameters()) + ([] if critic is None else list(critic.parameters()))
-        optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
-        # PPO starts from the same random state whether the stages were trained or loaded, so a
-        # rerun with --sft-checkpoint / --reward-model-checkpoint reproduces the PPO numbers.
-        torch.manual_seed(args.seed + 6)
-        kl_controller = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
-        run_ppo(args, policy, critic, reference, reward_model, optimizer, kl_controller, writer,
-                device, start_time, summary)  # fmt: skip
-        summary["status"] = "completed"
-    except KeyboardInterrupt:
-        summary["status"] = "interrupted"
-        print("interrupted: saving the policy and the logs", flush=True)
-    except TrainingDiverged as error:  # run_ppo has put the last good weights back into the policy
-        summary["status"], summary["error"] = "diverged", str(error)
-        raise
-    finally:
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
-        if policy is not None:
-            save_model(run_dir / "policy.pt", policy, "policy")
-        summary["wall_time_s"] = time.time() - start_time
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        writer.close()
-        if args.track:
-            import wandb
-
-            wandb.finish()
-    return summary
+        importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"{purpose} needs the '{module}' package: pip install {module}") from None
 
 
-def run_ppo(args, policy, critic, reference, reward_model, optimizer, kl_controller, writer,
-            device, start_time, results: dict) -> None:  # fmt: skip
-    """Stage 3: the PPO loop (collect, estimate advantages, update, log).
-
-    Writes its results into `results` as it goes, so an interruption keeps what was measured.
-    """
-    prompt_rng = random.Random(args.seed + 4)
-    eval_prompts = make_prompts(args.eval_prompts, args.max_prompt_words, random.Random(args.seed + 5))
-    results["history"] = []
-    evaluation = evaluate(policy, reference, reward_model, eval_prompts, args, device)
-    results["sft"] = {k: v for k, v in evaluation.items() if k != "texts"}
-    results["samples_before"] = evaluation["texts"][: args.num_sample_texts]
-    log_eval(writer, "eval", evaluation, 0)
-    print_eval("SFT policy (before PPO)", evaluation, args.num_sample_texts)
-
-    sampling_time = update_time = 0.0
-    sampled_tokens = updated_tokens = 0
-    ppo_start = time.time()
-    for iteration in range(1, args.num_iterations + 1):
-        episode = iteration * args.batch_size
-        if args.anneal_lr:  # linear annealing of the learning rate to 0
-            frac = 1.0 - (iteration - 1.0) / args.num_iterations
-            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
-
-        # COLLECT: num_prompts prompts, each repeated samples_per_prompt times (rows of a group are
-        # adjacent, as group_advantages expects)
-        prompts = make_prompts(args.num_prompts, args.max_prompt_words, prompt_rng)
-        prompts = [p for p in prompts for _ in range(args.samples_per_prompt)]
-        policy.eval()
-        batch = sample_and_score(policy, reference, reward_model, prompts, args, device)
-        sampling_time += batch["sampling_time"]
-        sampled_tokens += args.batch_size * args.response_length
-
-        # CALCULATE ADVANTAGE
-        rollout, rollout_stats = make_rollout(batch, critic, kl_controller.value, args)
-
-        # UPDATE NETWORK
-        policy.train()
-        start = time.perf_counter()
-        last_good_policy = copy.deepcopy(policy.state_dict())  # put back if this update diverges
-        history = ppo_update(policy, critic, optimizer, rollout, args)
-        if not all(math.isfinite(stats["loss"]) for stats in history) or not weights_are_finite(policy):
-            policy.load_state_dict(last_good_policy)
-            raise TrainingDiverged(
-                f"the loss became NaN or infinite at iteration {iteration} (episode {episode:,}); stopped, "
-                "the policy before that update is kept"
-            )
-        update_time += time.perf_counter() - start
-        updated_tokens += rollout.query_responses.numel() * len(history) // args.num_minibatches
-        if args.adaptive_kl:
-            kl_controller.update(rollout_stats["kl"], args.batch_size)
-
-        # LOG
-        quality = text_metrics(batch)
-        record = {"iteration": iteration, "episode": episode, **rollout_stats,
-                  "gold": quality["gold"], "gold_valid": quality["gold_valid"], "validity": quality["validity"],
-                  "eos_rate": quality["eos_rate"], "response_length": quality["response_length"],
-                  "beta": kl_controller.value,
-                  # max |ratio - 1| on the update's first minibatch: 0 unless rollout and update disagree
-                  "first_minibatch_ratio_deviation": history[0]["ratio_max_deviation"]}  # fmt: skip
-        results["history"].append(record)
-        throughput = {"sampling_tokens_per_s": sampled_tokens / sampling_time,
-                      "update_tokens_per_s": updated_tokens / update_time}  # fmt: skip
-        log_iteration(writer, record, history, throughput, optimizer, args)
-        elapsed = time.time() - ppo_start
-        eta = elapsed / iteration * (args.num_iterations - iteration)
-        print(
-            f"iteration {iteration:>3}/{args.num_iterations} | {format_duration(elapsed)} ETA "
-            f"{format_duration(eta)} | score {record['score']:+.2f} gold {record['gold']:+.2f} valid "
-            f"{record['validity']:.0%} | KL {record['kl']:.2f} beta {kl_controller.value:.3f} | first-minibatch "
-            f"|ratio-1| {record['first_minibatch_ratio_deviation']:.2g}",
-            flush=True,
-        )
-        if iteration % args.eval_interval == 0 and iteration != args.num_iterations:
-            evaluation = evaluate(policy, reference, reward_model, eval_prompts, args, device)
-            log_eval(writer, "eval", evaluation, episode)
-
-    policy.eval()
-    evaluation = evaluate(policy, reference, reward_model, eval_prompts, args, device)
-    results["final"] = {k: v for k, v in evaluation.items() if k != "texts"}
-    results["samples_after"] = evaluation["texts"][: args.num_sample_texts]
-    log_eval(writer, "eval", evaluation, args.num_iterations * args.batch_size)
-    writer.add_text("samples/before", "\n\n".join(results["samples_before"]), 0)
-    writer.add_text("samples/after", "\n\n".join(results["samples_after"]), args.num_iterations)
-    print_eval("policy after PPO", evaluation, args.num_sample_texts)
-    results.update({
-        "iterations": args.num_iterations,
-        "episodes": args.num_iterations * args.batch_size,
-        "final_beta": kl_controller.value,
-        "sampling_tokens_per_s": sampled_tokens / sampling_time,
-        "update_tokens_per_s": updated_tokens / update_time,
-        "ppo_time_s": time.time() - ppo_start,
-    })  # fmt: skip
-    print(
-        f"done in {format_duration(time.time() - start_time)}: sampling "
-        f"{results['sampling_tokens_per_s']:,.0f} tokens/s, update "
-        f"{results['update_tokens_per_s']:,.0f} tokens/s"
+def validate_args(args: Args) -> None:
+    """Reject a setting from which nothing sensible can follow, with one line, before anything is built."""
+    counts = (
+        "total_episodes", "num_prompts", "samples_per_prompt", "max_prompt_words", "response_length",
+        "num_minibatches", "update_epochs", "n_layer", "n_head", "n_embd", "block_size", "sft_corpus_size",
+        "sft_batch_size", "rm_num_pairs", "rm_epochs", "rm_batch_size", "eval_interval", "eval_prompts",
+    )  # fmt: skip
+    for name in (*counts, "num_threads"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    rollout = f"num_prompts * samples_per_prompt = {args.batch_size}"
+    estimator, shortest, longest = (
+        args.advantage_estimator,
+        MIN_SENTENCE_WORDS,
+        1 + args.max_prompt_words + args.response_length,
     )
+    checks = [
+        (args.learning_rate > 0, f"--learning-rate must be positive, got {args.learning_rate}"),
+        (args.sft_learning_rate > 0, f"--sft-learning-rate must be positive, got {args.sft_learning_rate}"),
+        (args.rm_learning_rate > 0, f"--rm-learning-rate must be positive, got {args.rm_learning_rate}"),
+        (args.temperature > 0, f"--temperature must be positive, got {args.temperature}"),
+        (0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1, "--gamma and --gae-lambda must lie in [0, 1]"),
+        (args.clip_coef > 0, f"--clip-coef must be positive, got {args.clip_coef}"),
+        (args.max_grad_norm > 0, f"--max-grad-norm must be positive (0 freezes the policy), got {args.max_grad_norm}"),
+        (args.ent_coef >= 0 and args.vf_coef >= 0, "--ent-coef and --vf-coef must not be negative"),
+        (args.target_kl is None or args.target_kl > 0, f"--target-kl must be positive when set, got {args.target_kl}"),
+        (0 <= args.seed < 2**32, f"--seed must lie in [0, 2**32), got {args.seed}"),
+        (args.batch_size % args.num_minibatches == 0,
+         f"the rollout ({rollout}) does not divide into {args.num_minibatches} minibatches"),
+        (args.total_episodes >= args.batch_size,
+         f"--total-episodes {args.total_episodes} is smaller than one rollout ({rollout})"),
+        (args.sft_steps >= 0 and args.num_sample_texts >= 0, "--sft-steps and --num-sample-texts must not be negative"),
+        (args.n_embd % args.n_head == 0, f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}"),
+        (args.max_prompt_words < shortest, f"--max-prompt-words {args.max_prompt_words} lets a prompt be a whole "
+         f"sentence (the shortest has {shortest} words): use at most {shortest - 1}"),
+        (args.response_length >= shortest, f"--response-length {args.response_length} is too short to finish a "
+         f"sentence: after a 1-word prompt the shortest needs {shortest - 1} words and EOS ({shortest} tokens)"),
+        (longest <= args.block_size, f"a prompt of up to {args.max_prompt_words} words plus BOS and a response of "
+         f"{args.response_length} tokens ({longest} tokens) do not fit the context of --block-size {args.block_size}"),
+        (args.block_size >= MAX_SENTENCE_TOKENS,
+         f"the longest grammar sentence needs {MAX_SENTENCE_TOKENS} tokens, more than --block-size {args.block_size}"),
+        (args.kl_coef >= 0, f"--kl-coef must not be negative, got {args.kl_coef}"),
+        (estimator in ("gae", "grpo", "rloo"), f"unknown --advantage-estimator {estimator!r}: use gae, grpo or rloo"),
+        (args.kl_estimator in ("k1", "k3"), f"unknown --kl-estimator {args.kl_estimator!r}: use k1 or k3"),
+        (estimator == "gae" or args.samples_per_prompt >= 2, f"--advantage-estimator {estimator} needs "
+         "--samples-per-prompt of at least 2 (its baseline is the other samples of the same prompt)"),
+        (estimator == "gae" or not args.whiten_rewards, "--whiten-rewards whitens per-token rewards before GAE: use it with gae"),
+        (not args.adaptive_kl or (args.kl_target > 0 and args.kl_horizon >= 1 and args.kl_coef > 0),
+         "--adaptive-kl needs a positive --kl-target, --kl-horizon and starting --kl-coef"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if args.track:
+        require_module("wandb", "--track")
+        if not wandb_can_log():
+            raise ConfigError(
+                "--track needs a W&B API key: run `wandb login`, set WANDB_API_KEY, or set WANDB_MODE=offline"
+            )
+
+
+def wandb_can_log() -> bool:
+    """True in offline mode or with an API key (WANDB_API_KEY or the ~/.netrc entry `wandb login` writes)."""
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled") or os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(wandb_host()) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_host() -> str:
+    import wandb
+
+    return urlparse(wandb.Settings().base_url).hostname  # WANDB_BASE_URL, or the SDK's default server
+
+
+def start_wandb(args: Args, run_dir: Path) -> None:
+    """A W&B run mirroring TensorBoard; when the W&B server cannot be reached, it logs offline and says so."""
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE")
+    if mode not in ("offline", "disabled"):
+        try:  # a 5-second probe, instead of wandb's own 90-second wait for a server that is not there
+            socket.create_connection((wandb_host(), 443), timeout=5).close()
+        except OSError as e:
+            print(f"W&B unreachable ({e}): logging offline into {run_dir / 'wandb'} (upload later: `wandb sync`)")
+            mode = "offline"
+    try:
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
+                   dir=str(run_dir), sync_tensorboard=True, mode=mode)  # fmt: skip
+    except Exception as e:
+        raise ConfigError(
+            f"--track: W&B did not start ({type(e).__name__}: {e}); WANDB_MODE=offline logs locally"
+        ) from None
+
+
+def select_device(args: Args) -> torch.device:
+    """The device for the networks; also sets torch's CPU thread count."""
+    torch.set_num_threads(args.num_threads)
+    return torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic (torch's reproducibility notes).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # warn_only: an op without a deterministic kernel warns instead of stopping the run.
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    """tyro.cli(Args), but a rejected command line becomes a one-line ConfigError.
-
-    tyro reports unknown flags and invalid choices (e.g. --advantage-estimator foo) in a framed box;
-    its message and its "Perhaps you meant" flags are kept, the frame dropped, so every bad input
-    reads the same way: "Unrecognized options: --kl-cof (did you mean --kl-coef?)".
-    """
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured):
-            return tyro.cli(Args, args=argv)
-    except SystemExit as e:
-        if not e.code:  # --help: nothing went wrong
-            sys.stderr.write(captured.getvalue())
-            raise
-        sections = [[]]  # the box's body, split at its horizontal rules
-        for line in captured.getvalue().splitlines()[1:]:  # the first line is the box's title
-            text = line.strip(" \u2502\u256d\u256e\u2570\u256f")
-            if text.startswith("\u2500"):
-                sections.append([])
-            elif text:
-                sections[-1].append(text)
-        message = " ".join(" ".join(sections[0]).split()) or "invalid command line (see --help)"
-        suggestions = [line.split()[0] for section in sections[1:] if section[:1] == ["Perhaps you meant:"]
-                       for line in section[1:] if line.startswith("--")]  # fmt: skip
-        if suggestions:
-            message += f" (did you mean {' or '.join(suggestions)}?)"
-        raise ConfigError(message) from None
+    """tyro's command line, with a mistyped flag as one line."""
+    args, unknown = tyro.cli(Args, args=argv, return_unknown_args=True)
+    if unknown:
+        flag = next((u.split("=")[0] for u in unknown if u.startswith("--")), unknown[0])
+        known = ["--" + f.name.replace("_", "-") for f in fields(Args)]
+        close = difflib.get_close_matches(flag, known + ["--no-" + k[2:] for k in known], n=1)
+        raise ConfigError(
+            f"unrecognized argument {flag}" + (f" (did you mean {close[0]}?)" if close else "") + "; see --help"
+        )
+    return args
 
 
 def main() -> None:
     try:
         args = parse_args()
-        if train(args)["status"] == "interrupted":
-            sys.exit(130)
+        summary = train(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    if summary["status"] == "interrupted":
+        sys.exit(143 if summary["stopped_by"] == "SIGTERM" else 130)  # 128 + the signal's number
 
 
 if __name__ == "__main__":

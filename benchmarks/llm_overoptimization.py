@@ -98,7 +98,7 @@ def probe_texts(rng: random.Random, samples: int = 200) -> list[dict]:
 def probe_reward_model(reward_model_path: Path, probes: list[dict]) -> list[float]:
     """The normalized score (what PPO sees, in units of the SFT samples' std) of every probe text."""
     config = toy.ModelConfig.from_args(toy.Args())
-    model, _ = toy.load_model(str(reward_model_path), "reward_model", toy.ScalarModel(config, head_std=0.0))
+    model, _ = toy.load_checkpoint(str(reward_model_path), "reward_model", toy.ScalarModel(config, head_std=0.0))
     model.eval()
     scores = []
     for start in range(0, len(probes), 512):

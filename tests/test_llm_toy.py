@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -280,7 +281,7 @@ def test_group_relative_advantages():
 
 
 def group_batch(scores: list[float], lengths: list[int], max_length: int = 10) -> dict:
-    """A sampled batch as sample_and_score returns it, with the given scores and response lengths
+    """A sampled batch as collect_rollout returns it, with the given scores and response lengths
     and the policy equal to the reference (KL 0)."""
     batch_size = len(scores)
     response_mask = (torch.arange(max_length)[None] < torch.tensor(lengths)[:, None]).long()
@@ -303,7 +304,7 @@ def test_group_advantage_is_the_same_on_every_token_and_its_sign_ignores_length(
     # ones in one pair and the long ones in the other
     scores = [1.0, 1.0, 1.0, 1.0, 2.0, -1.0, 0.5, -0.5]
     lengths = [1, 10, 3, 10, 1, 10, 10, 1]
-    rollout, _ = toy.make_rollout(group_batch(scores, lengths), None, 0.1, args)
+    rollout, _ = toy.compute_advantages(group_batch(scores, lengths), None, 0.1, args)
     expected = toy.group_advantages(torch.tensor(scores), 4, estimator)
     mask = rollout.response_mask
     assert (rollout.advantages[:4] == 0).all()  # a tied group: advantage 0 on every token
@@ -329,8 +330,8 @@ def tiny_rollout(estimator: str):
     critic = toy.ScalarModel(TINY, head_std=0.0) if estimator == "gae" else None
     prompts = toy.make_prompts(args.num_prompts, 3, random.Random(0))
     prompts = [p for p in prompts for _ in range(args.samples_per_prompt)]
-    batch = toy.sample_and_score(policy, reference, reward_model, prompts, args, "cpu")
-    rollout, _ = toy.make_rollout(batch, critic, 0.1, args)
+    batch = toy.collect_rollout(policy, reference, reward_model, prompts, args, "cpu")
+    rollout, _ = toy.compute_advantages(batch, critic, 0.1, args)
     return args, policy, critic, reference, rollout
 
 
@@ -340,7 +341,8 @@ def test_ratio_is_exactly_one_on_the_first_minibatch(estimator):
     params = list(policy.parameters()) + ([] if critic is None else list(critic.parameters()))
     optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
     reference_before = {k: v.clone() for k, v in reference.state_dict().items()}
-    history = toy.ppo_update(policy, critic, optimizer, rollout, args)
+    stats = toy.update_policy(policy, critic, optimizer, rollout, args)
+    history = stats["minibatches"]
     # the update moved the policy but not the frozen reference
     for key, value in reference.state_dict().items():
         assert torch.equal(value, reference_before[key])
@@ -352,6 +354,7 @@ def test_ratio_is_exactly_one_on_the_first_minibatch(estimator):
     assert first["clipfrac"] == 0.0
     # the later minibatches see a policy that has moved
     assert max(h["ratio_max_deviation"] for h in history[1:]) > 0
+    assert stats["first_minibatch_ratio_deviation"] == 0.0 and stats["epochs"] == args.update_epochs
 
 
 def test_value_head_starts_at_zero():
@@ -504,6 +507,12 @@ def test_rerun_from_saved_stages_reproduces_the_ppo_numbers(quick_run, tmp_path,
         ({"target_kl": -1.0}, "--target-kl must be positive"),
         ({"response_length": 3}, "too short to finish a sentence"),
         ({"max_prompt_words": 9}, "a prompt be a whole sentence"),
+        ({"clip_coef": -0.1}, "--clip-coef must be positive"),
+        ({"learning_rate": -1.0}, "--learning-rate must be positive"),
+        ({"ent_coef": -1.0}, "--ent-coef and --vf-coef must not be negative"),
+        ({"seed": -1}, "--seed must lie in"),
+        ({"kl_estimator": "k2"}, "unknown --kl-estimator"),
+        ({"runs_dir": "/etc/hostname/runs"}, "cannot create the run folder"),
     ],
 )
 def test_bad_config_raises_config_error(tmp_path, overrides, message):
@@ -554,6 +563,7 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_policy(quick_run
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: the loss became NaN or infinite"), result.stderr
+    assert "the policy before that update is kept in" in lines[0] and lines[0].endswith("policy.pt")
     (new_run,) = tmp_path.iterdir()
     assert json.loads((new_run / "summary.json").read_text())["status"] == "diverged"
     policy = torch.load(new_run / "policy.pt", weights_only=True)["model"]
@@ -561,17 +571,20 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_policy(quick_run
 
 
 @pytest.mark.parametrize(
-    "flags",
+    ("flags", "message"),
     [
-        ["--response-length", "40"],
-        ["--advantage-estimator", "foo"],
-        ["--bad-flag"],
-        ["--kl-cof", "0"],
-        ["--sft-checkpoint", "/nonexistent/sft.pt"],
-        ["--max-grad-norm", "0"],
+        (["--response-length", "40"], "do not fit the context"),
+        (["--advantage-estimator", "foo"], "unknown --advantage-estimator 'foo': use gae, grpo or rloo"),
+        (["--bad-flag"], "unrecognized argument --bad-flag"),
+        (["--kl-cof", "0"], "unrecognized argument --kl-cof (did you mean --kl-coef?)"),
+        (["--sft-checkpoint", "/nonexistent/sft.pt"], "checkpoint /nonexistent/sft.pt does not exist"),
+        (["--max-grad-norm", "0"], "--max-grad-norm must be positive (0 freezes the policy), got 0.0"),
+        (["--clip-coef", "-0.1"], "--clip-coef must be positive, got -0.1"),
+        (["--seed", "-1"], "--seed must lie in [0, 2**32), got -1"),
+        (["--runs-dir", "/etc/hostname/runs"], "cannot create the run folder /etc/hostname/runs/"),
     ],
 )
-def test_bad_command_line_gives_one_error_line_and_exit_code_2(tmp_path, flags):
+def test_bad_command_line_gives_one_error_line_and_exit_code_2(tmp_path, flags, message):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, str(REPO / "ppo_llm_toy.py"), "--runs-dir", str(tmp_path), *flags],
@@ -581,8 +594,24 @@ def test_bad_command_line_gives_one_error_line_and_exit_code_2(tmp_path, flags):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert not list(tmp_path.iterdir())  # no empty run folder left behind
-    if flags[0] == "--kl-cof":  # tyro's suggestion survives in the one line
+    assert message in lines[0]
+    if flags[0] == "--kl-cof":  # the suggestion survives in the one line
         assert "did you mean --kl-coef?" in lines[0]
+
+
+def test_track_without_a_wandb_key_is_one_line(tmp_path):
+    pytest.importorskip("wandb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(NETRC=str(tmp_path / "no-netrc"), OMP_NUM_THREADS="1")  # no `wandb login` either
+    runs = tmp_path / "runs"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "ppo_llm_toy.py"), "--track", "--runs-dir", str(runs)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --track needs a W&B API key"), result.stderr
+    assert not runs.exists()  # rejected before the run folder exists
 
 
 def test_track_without_wandb_asks_to_install_it(tmp_path, monkeypatch):
@@ -598,7 +627,8 @@ def test_track_without_wandb_asks_to_install_it(tmp_path, monkeypatch):
         toy.train(quick_args(tmp_path, track=True))
 
 
-def test_sigterm_saves_the_policy_and_the_summary(quick_run, tmp_path):
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_or_ctrl_c_saves_the_policy_and_the_summary(quick_run, tmp_path, signum, exit_code):
     run_dir = Path(quick_run[0]["run_dir"])
     command = [
         sys.executable, str(REPO / "ppo_llm_toy.py"), "--runs-dir", str(tmp_path),
@@ -611,13 +641,46 @@ def test_sigterm_saves_the_policy_and_the_summary(quick_run, tmp_path):
     for line in process.stdout:  # wait until PPO runs
         if line.startswith("iteration"):
             break
-    process.send_signal(signal.SIGTERM)
-    process.stdout.read()
-    assert process.wait(timeout=60) == 130
+    process.send_signal(signum)
+    output = process.stdout.read()
+    assert process.wait(timeout=60) == exit_code  # 128 + the signal's number, as ppo_continuous.py
+    assert "Traceback" not in output
     (new_run,) = tmp_path.iterdir()
     summary = json.loads((new_run / "summary.json").read_text())
     assert summary["status"] == "interrupted" and len(summary["history"]) >= 1
-    assert (new_run / "policy.pt").is_file()
+    assert summary["stopped_by"] == ("SIGTERM" if signum == signal.SIGTERM else "SIGINT")
+    assert (new_run / "policy.pt").is_file() and summary["checkpoint"] == str(new_run / "policy.pt")
+
+
+def test_sigterm_in_the_final_evaluation_keeps_the_policy_and_the_logs(quick_run, tmp_path, monkeypatch):
+    run_dir = Path(quick_run[0]["run_dir"])
+    real_evaluate, calls = toy.evaluate, []
+
+    def evaluate_until_sigterm(*args, **kwargs):  # a scheduler stops the job during the final evaluation
+        calls.append(1)
+        if len(calls) == 2:  # 1: the SFT policy before PPO, 2: the final evaluation (eval_interval > iterations)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+            raise AssertionError("SIGTERM was not handled")
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(toy, "evaluate", evaluate_until_sigterm)
+    args = quick_args(
+        tmp_path, total_episodes=128, eval_prompts=16, sft_checkpoint=str(run_dir / "sft.pt"),
+        reward_model_checkpoint=str(run_dir / "reward_model.pt"),
+    )  # fmt: skip
+    summary = toy.train(args)
+    assert summary["status"] == "interrupted" and summary["stopped_by"] == "SIGTERM" and "final" not in summary
+    new_run = Path(summary["run_dir"])
+    assert json.loads((new_run / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert summary["iterations"] == 2 and (new_run / "policy.pt").is_file()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(new_run))
+    events.Reload()
+    assert len(events.Scalars("losses/policy_loss")) == summary["iterations"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is given back
 
 
 def test_track_logs_to_wandb_offline(quick_run, tmp_path):
