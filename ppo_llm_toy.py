@@ -607,10 +607,9 @@ def group_advantages(sequence_rewards: torch.Tensor, group_size: int, estimator:
     return advantages.reshape(-1)
 
 
-def ppo_loss(
-    new_logprobs, old_logprobs, entropy, new_values, old_values, advantages, returns, mask, args
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The PPO objective on one minibatch of tokens; all inputs (B, R), averaged over mask == 1.
+def ppo_loss(new_logprobs, old_logprobs, entropy, new_values, old_values, advantages, returns, mask, args: Args):
+    """The PPO objective on one minibatch of tokens (all inputs (B, R), averaged over mask == 1); returns
+    (loss to minimize, statistics).
 
     loss = L^CLIP + vf_coef * L^VF - ent_coef * entropy, eq. 9 of arXiv:1707.06347 (negated).
     new_values / old_values are None without a critic (grpo, rloo): no value loss.
@@ -618,41 +617,39 @@ def ppo_loss(
     logratio = (new_logprobs - old_logprobs) * mask
     ratio = logratio.exp()  # pi_new(token) / pi_old(token), exactly 1 on padding
     with torch.no_grad():
-        # KL(pi_old || pi_new) estimates: k1 = -log r and k3 = (r - 1) - log r.
+        # Two estimators of KL(pi_old || pi_new): k1 = -log r (unbiased, noisy) and
+        # k3 = (r - 1) - log r (unbiased and always >= 0), from John Schulman's note on KL estimators.
         old_approx_kl = masked_mean(-logratio, mask)
         approx_kl = masked_mean((ratio - 1.0) - logratio, mask)
         clipfrac = masked_mean(((ratio - 1.0).abs() > args.clip_coef).float(), mask)
         ratio_max_deviation = ((ratio - 1.0).abs() * mask).max()
 
-    # L^CLIP, eq. 7 of arXiv:1707.06347: the pessimistic bound; outside [1 - eps, 1 + eps] in the
-    # direction the advantage favours, the clipped term is constant and its gradient vanishes.
+    # L^CLIP, eq. 7 of arXiv:1707.06347: the pessimistic (max of the negated) of the unclipped and
+    # clipped surrogates. Once the ratio leaves [1 - eps, 1 + eps] in the direction the advantage
+    # favours, the clipped term is constant and no gradient pushes it further.
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - args.clip_coef, 1.0 + args.clip_coef)
     policy_loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
 
+    # Value loss, optionally clipped around the old prediction the same way (PPO2's baselines code).
     if new_values is None:
         value_loss = torch.zeros((), device=new_logprobs.device)
     else:
         value_loss_unclipped = (new_values - returns) ** 2
-        if args.clip_vloss:  # clipped around the old prediction, as in PPO2's baselines code
+        if args.clip_vloss:
             values_clipped = old_values + torch.clamp(new_values - old_values, -args.clip_coef, args.clip_coef)
-            value_loss_max = torch.max(value_loss_unclipped, (values_clipped - returns) ** 2)
-            value_loss = 0.5 * masked_mean(value_loss_max, mask)
+            value_loss_clipped = (values_clipped - returns) ** 2
+            value_loss = 0.5 * masked_mean(torch.max(value_loss_unclipped, value_loss_clipped), mask)
         else:
             value_loss = 0.5 * masked_mean(value_loss_unclipped, mask)
 
     entropy_mean = masked_mean(entropy, mask)
     loss = policy_loss - args.ent_coef * entropy_mean + args.vf_coef * value_loss
     stats = {
-        "policy_loss": policy_loss.detach(),
-        "value_loss": value_loss.detach(),
-        "entropy": entropy_mean.detach(),
-        "old_approx_kl": old_approx_kl,
-        "approx_kl": approx_kl,
-        "clipfrac": clipfrac,
+        "policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(), "entropy": entropy_mean.detach(),
+        "old_approx_kl": old_approx_kl, "approx_kl": approx_kl, "clipfrac": clipfrac, "loss": loss.detach(),
         "ratio_max_deviation": ratio_max_deviation,
-        "loss": loss.detach(),
-    }
+    }  # fmt: skip
     return loss, stats
 
 
@@ -1004,7 +1001,7 @@ class ConfigError(ValueError):
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite: the run stops and keeps its last good policy."""
+    """The loss became NaN or infinite: the run stops and keeps its last good checkpoint."""
 
 
 class Run:
@@ -1054,9 +1051,8 @@ class Run:
         """Register what PPO trains and reads (policy.pt saves the policy); evaluate the SFT policy."""
         self.model = (policy, reference, reward_model, kl_controller)
         self.last_good_policy = copy.deepcopy(policy.state_dict())  # put back if an update diverges
-        self.eval_prompts = make_prompts(
-            self.args.eval_prompts, self.args.max_prompt_words, random.Random(self.args.seed + 5)
-        )
+        eval_rng = random.Random(self.args.seed + 5)
+        self.eval_prompts = make_prompts(self.args.eval_prompts, self.args.max_prompt_words, eval_rng)
         evaluation = self.evaluate_policy(0)
         self.summary.update(history=[], sft={k: v for k, v in evaluation.items() if k != "texts"},
                             samples_before=evaluation["texts"][: self.args.num_sample_texts])  # fmt: skip
@@ -1064,15 +1060,15 @@ class Run:
         self.ppo_start = time.time()
 
     def log(self, iteration: int, batch: dict, rollout_stats: dict, stats: dict) -> None:
-        """Check the update, then log the iteration's scalars at x = responses sampled so far, under the tags
-        of the RLHF references (objective/, losses/, charts/); evaluate every --eval-interval iterations."""
+        """Check the update, then log the iteration's scalars under the tags of the RLHF references
+        (objective/, losses/, charts/); evaluate every --eval-interval iterations."""
         policy, _, _, kl_controller = self.model
-        episode = iteration * self.args.batch_size
+        step = iteration * self.args.batch_size  # the x axis: responses sampled so far
         if not math.isfinite(stats["loss"]) or not weights_are_finite(policy):
             policy.load_state_dict(self.last_good_policy)
             self.save()
             raise TrainingDiverged(
-                f"the loss became NaN or infinite at iteration {iteration} (episode {episode:,}); stopped, "
+                f"the loss became NaN or infinite at iteration {iteration} (episode {step:,}); stopped, "
                 f"the policy before that update is kept in {self.checkpoint_path}"
             )
         self.last_good_policy = copy.deepcopy(policy.state_dict())
@@ -1084,7 +1080,7 @@ class Run:
         self.sampled_tokens += self.args.batch_size * self.args.response_length
         self.updated_tokens += batch["query_responses"].numel() * stats["epochs"]
         quality = text_metrics(batch)
-        record = {"iteration": iteration, "episode": episode, **rollout_stats,
+        record = {"iteration": iteration, "episode": step, **rollout_stats,
                   "gold": quality["gold"], "gold_valid": quality["gold_valid"], "validity": quality["validity"],
                   "eos_rate": quality["eos_rate"], "response_length": quality["response_length"],
                   "beta": kl_controller.value,
@@ -1094,24 +1090,24 @@ class Run:
         write = self.writer.add_scalar
         for key in ("score", "kl", "kl_exact", "non_score_reward", "entropy", "gold", "gold_valid", "validity"):
             if record[key] is not None:
-                write(f"objective/{key}", record[key], episode)
-        write("objective/rlhf_reward", record["score"] + record["non_score_reward"], episode)
+                write(f"objective/{key}", record[key], step)
+        write("objective/rlhf_reward", record["score"] + record["non_score_reward"], step)
         for key in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"):
-            write(f"losses/{key}", stats[key], episode)  # averages over all minibatches
-        write("losses/first_minibatch_ratio_deviation", record["first_minibatch_ratio_deviation"], episode)
-        write("charts/beta", record["beta"], episode)
-        write("charts/learning_rate", stats["learning_rate"], episode)
-        write("charts/eos_rate", record["eos_rate"], episode)
-        write("charts/response_length", record["response_length"], episode)
-        write("charts/update_epochs", stats["epochs"], episode)
-        write("charts/sampling_tokens_per_s", self.sampled_tokens / self.sampling_time, episode)
-        write("charts/update_tokens_per_s", self.updated_tokens / self.update_time, episode)
+            write(f"losses/{key}", stats[key], step)  # averages over all minibatches
+        write("losses/first_minibatch_ratio_deviation", record["first_minibatch_ratio_deviation"], step)
+        write("charts/beta", record["beta"], step)
+        write("charts/learning_rate", stats["learning_rate"], step)
+        write("charts/eos_rate", record["eos_rate"], step)
+        write("charts/response_length", record["response_length"], step)
+        write("charts/update_epochs", stats["epochs"], step)
+        write("charts/sampling_tokens_per_s", self.sampled_tokens / self.sampling_time, step)
+        write("charts/update_tokens_per_s", self.updated_tokens / self.update_time, step)
         first_or_last = self.last_print == self.start_time or iteration == self.args.num_iterations
         if first_or_last or time.time() - self.last_print >= 10:
             self.last_print = time.time()
             print(self.progress_line(record), flush=True)
         if iteration % self.args.eval_interval == 0 and iteration != self.args.num_iterations:
-            self.evaluate_policy(episode)
+            self.evaluate_policy(step)
 
     def progress_line(self, record: dict) -> str:
         elapsed = time.time() - self.ppo_start
