@@ -13,71 +13,56 @@
 """PPO for Atari from pixels (discrete actions, Nature CNN), in one file.
 
 Proximal Policy Optimization (Schulman et al. 2017, arXiv:1707.06347) with Generalized Advantage
-Estimation (Schulman et al. 2015, arXiv:1506.02438), for the Atari 2600 games of the Arcade Learning
-Environment through ale-py. The network is the Nature CNN of DQN (Mnih et al. 2015, "Human-level
-control through deep reinforcement learning", Nature 518) shared by actor and critic. The defaults
-are the widely used Atari settings (8 envs, 128 steps per rollout, 4 epochs of 4 minibatches, clip
-0.1), and every implementation detail of "The 37 Implementation Details of PPO" (Huang et al., ICLR
-blog track 2022) that concerns Atari is here and named.
+Estimation (Schulman et al. 2015, arXiv:1506.02438) for the Atari 2600 games of ale-py, with the Nature CNN
+of DQN (Mnih et al. 2015, Nature 518) shared by actor and critic. Defaults: the usual Atari settings (8 envs,
+128-step rollouts, 4 epochs of 4 minibatches, clip 0.1); each Atari detail of "The 37 Implementation Details
+of PPO" (Huang et al., ICLR blog track 2022) is named in a comment. Read Args, ENVIRONMENT, NETWORK, ALGORITHM
+and train(): that is all of PPO. Below the PLUMBING banner: run folder, logs, checkpoints, evaluation, checks.
 
-Run:
-    python ppo_atari.py --env-id BreakoutNoFrameskip-v4 --total-timesteps 10000000
-    python ppo_atari.py --help
+    python ppo_atari.py --env-id BreakoutNoFrameskip-v4 --total-timesteps 10000000   # train; --help for all flags
+    python ppo_atari.py --eval-checkpoint runs/<run>/checkpoint.pt      # evaluate a saved model (full games)
+    python ppo_atari.py --resume runs/<run>/checkpoint.pt               # continue a stopped run
+    torchrun --standalone --nproc_per_node 2 ppo_atari.py               # data parallel (--num-envs is global)
     tensorboard --logdir runs
-Evaluate a saved model (full games, unclipped score):
-    python ppo_atari.py --eval-checkpoint runs/<run>/checkpoint.pt --eval-episodes 10
-Resume an interrupted run:
-    python ppo_atari.py --env-id BreakoutNoFrameskip-v4 --resume runs/<run>/checkpoint.pt
-Data parallel over several processes (GPUs: one per process, NCCL; CPU: gloo), --num-envs is global:
-    torchrun --standalone --nproc_per_node 2 ppo_atari.py --num-envs 8
 
-Preprocessing (Mnih et al. 2015; settings discussed by Machado et al. 2018, arXiv:1709.06009):
-no-op reset (random no-op frames), max-and-skip 4 (an action repeated 4 frames, the observation is
-the pixel-wise max of the last two: sprites that flicker between frames stay visible), 84x84
-grayscale, 4-frame stack, FIRE at the start of every game and after every lost life in games that
-have FIRE (Breakout serves no ball until it is pressed), life loss as episode end for learning (the
-game goes on), rewards clipped to their sign. The episodic return reported everywhere is the full
-game's unclipped score; its length counts the game's steps, the FIRE presses included. Two
-environment paths give these semantics:
-- `--env-backend ale_vector` (default, fast): ale-py's `AtariVectorEnv`, C++ threads doing the
-  preprocessing natively, one single-game env per env so that one of them can press FIRE alone;
-- `--env-backend gymnasium` (readable): a gymnasium wrapper stack in which each detail is one
-  wrapper, named as in Huang et al.
-They differ in one detail of the reset only: a new game starts with 0-29 random no-op frames on the
-fast path (ale-py's C++ env) and 1-30 on the readable one (NoopReset, as OpenAI baselines); then
-both press FIRE for one step of 4 frames. NoFrameskip-v4 ids have no sticky actions; v5 ids
-(`ALE/Breakout-v5`) keep theirs (repeat probability 0.25, Machado et al.); either way the id's own
-frameskip is replaced by max-and-skip 4.
+Siblings: ppo_continuous.py (a Gaussian policy, separate MLPs, normalization statistics saved with the model)
+and ppo_llm_toy.py (the same clipped loss on the tokens of a language model). Here: a categorical policy on a
+shared CNN, pixels kept uint8 until the network divides by 255, many envs with short rollouts, --bf16, torchrun.
 
-What differs from the sibling scripts:
-- ppo_continuous.py: a Gaussian policy with separate MLPs and saved normalization statistics; this
-  file: a categorical policy on a shared CNN, pixels kept uint8 until the network divides by 255
-  (nothing to normalize, so nothing to save but the weights), many envs with short rollouts, a
-  bfloat16 option for the update and torchrun data parallelism.
-- ppo_llm_toy.py: the same clipped loss applied to tokens of a language model.
+Two env paths, one semantics: `--env-backend ale_vector` (default, fast: ale-py's C++ preprocessing) and
+`--env-backend gymnasium` (readable: each Atari detail a short named wrapper). A game starts after 0-29 random
+no-op frames on the fast path and 1-30 on the readable one, then FIRE is pressed, as after every lost life. A
+lost life ends the learning episode (bootstrap value 0) but not the game; the return reported everywhere is
+the full game's unclipped score. NoFrameskip-v4 ids have no sticky actions; v5 ids keep theirs
+(repeat probability 0.25, Machado et al. 2018, arXiv:1709.06009); either way max-and-skip 4 replaces their
+frameskip.
 
-gymnasium 1.x, done on purpose: both paths use the SAME_STEP autoreset mode, so the step that ends
-an episode (a lost life or the end of the game) returns the first observation of what comes next and
-the true final observation arrives in `info["final_obs"]`. No step is ever spent on a reset (no
-phantom transition with an ignored action and a zero reward), and on time-limit truncation the value
-is bootstrapped from V(final_obs); on termination (including a lost life) the bootstrap value is 0.
+gymnasium 1.x, on purpose: the vector env autoresets in SAME_STEP mode, so the step that ends an episode
+already returns the next episode's first observation and the true final one arrives in
+`info["final_obs"]`. No step is spent on a reset (no phantom transition with an ignored action and a
+zero reward); on time-limit truncation the bootstrap value is V(final_obs), on termination 0.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import json
 import math
+import netrc
 import os
 import random
 import signal
+import socket
 import sys
+import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlparse
 
 import ale_py
 import gymnasium as gym
@@ -94,48 +79,11 @@ gym.register_envs(ale_py)  # ale-py >= 0.10 no longer registers its ids on impor
 
 @dataclass
 class Args:
-    exp_name: str = SCRIPT_NAME
-    """the name of this experiment: the first part of the run name `runs/<exp_name>__<env>__<seed>__<time>`"""
-    seed: int = 1
-    """seed of the experiment (torch, numpy, python and the environments; rank r of torchrun adds r)"""
-    torch_deterministic: bool = True
-    """make torch use deterministic algorithms: the same seed then gives the same run twice on CPU"""
-    cuda: bool = True
-    """use CUDA for the networks when a GPU is available (otherwise the CPU is used)"""
-    torch_threads: int = 0
-    """CPU threads for torch (0: the cores of this machine divided by the processes on it)"""
-    track: bool = False
-    """log the run to Weights & Biases (needs `pip install wandb`; works with WANDB_MODE=offline)"""
-    wandb_project_name: str = "ppo-reference"
-    """the Weights & Biases project"""
-    wandb_entity: str | None = None
-    """the Weights & Biases entity (team or user); None uses your default"""
-    capture_video: bool = False
-    """record MP4 videos of the evaluation episodes into `<run>/videos` (needs moviepy)"""
-    runs_dir: str = "runs"
-    """the folder that holds one sub-folder per run (TensorBoard events, checkpoints, summary.json)"""
-    save_interval: int = 0
-    """also save the checkpoint every N iterations (0: only at the end and on interruption)"""
-    resume: str | None = None
-    """path of a checkpoint of this script and env to continue training from"""
-    eval_checkpoint: str | None = None
-    """do not train: evaluate this checkpoint on its env (full games, unclipped score) and exit"""
-    eval_episodes: int = 10
-    """the number of evaluation episodes, each a full game (after training, and with --eval-checkpoint)"""
-    eval_stochastic: bool = True
-    """evaluate with sampled actions (a greedy argmax policy can get stuck repeating itself up to the time limit)"""
-
-    # Atari
-    env_backend: Literal["ale_vector", "gymnasium"] = "ale_vector"
-    """ale_vector: ale-py's native C++ vector env (fast); gymnasium: the readable Python wrapper stack"""
-    channels_last: bool = True
-    """keep the CNN's weights and activations in channels-last (NHWC) layout: same math, faster on CPU"""
-    bf16: bool = False
-    """run the network's forward passes (rollout and update alike) and the backward pass under bfloat16 autocast (weights and Adam stay float32)"""
-
     # Algorithm
     env_id: str = "BreakoutNoFrameskip-v4"
     """the id of an Atari environment of ale-py (NoFrameskip-v4 or ALE/...-v5)"""
+    env_backend: Literal["ale_vector", "gymnasium"] = "ale_vector"
+    """ale_vector: ale-py's native C++ vector env (fast); gymnasium: the readable Python wrapper stack"""
     total_timesteps: int = 10_000_000
     """total environment steps of the experiment (summed over envs and processes; 4 frames each)"""
     learning_rate: float = 2.5e-4
@@ -169,6 +117,43 @@ class Args:
     target_kl: float | None = None
     """stop the update epochs early once the approximate KL exceeds this (None: never)"""
 
+    # The run: seeding, device, logging, checkpoints, evaluation
+    seed: int = 1
+    """seed of the experiment (torch, numpy, python and the environments; rank r of torchrun adds r)"""
+    torch_deterministic: bool = True
+    """make torch use deterministic algorithms: the same seed then gives the same run twice on CPU"""
+    cuda: bool = True
+    """use CUDA for the networks when a GPU is available (otherwise the CPU is used)"""
+    torch_threads: int = 0
+    """CPU threads for torch (0: the cores of this machine divided by the processes on it)"""
+    channels_last: bool = True
+    """keep the CNN's weights and activations in channels-last (NHWC) layout: same math, faster on CPU"""
+    bf16: bool = False
+    """run the network's forward passes (rollout and update alike) and the backward pass under bfloat16 autocast (weights and Adam stay float32)"""
+    exp_name: str = SCRIPT_NAME
+    """the name of this experiment: the first part of the run name `runs/<exp_name>__<env>__<seed>__<time>`"""
+    runs_dir: str = "runs"
+    """the folder that holds one sub-folder per run (TensorBoard events, checkpoints, summary.json)"""
+    track: bool = False
+    """log the run to Weights & Biases (needs wandb, and `wandb login` or WANDB_MODE=offline)"""
+    wandb_project_name: str = "ppo-reference"
+    """the Weights & Biases project"""
+    wandb_entity: str | None = None
+    """the Weights & Biases entity (team or user); None uses your default"""
+    save_interval: int = 0
+    """also save the checkpoint every N iterations (0: only at the end and on interruption)"""
+    resume: str | None = None
+    """continue the run of this checkpoint with its saved settings (only the flags of logging, saving,
+    evaluation and device may differ); the environments start new games"""
+    eval_checkpoint: str | None = None
+    """do not train: evaluate this checkpoint on its env (full games, unclipped score) and exit"""
+    eval_episodes: int = 10
+    """the number of evaluation episodes, each a full game (after training, and with --eval-checkpoint)"""
+    eval_stochastic: bool = True
+    """evaluate with sampled actions (a greedy argmax policy can get stuck repeating itself up to the time limit)"""
+    capture_video: bool = False
+    """record MP4 videos of the evaluation episodes into `<run>/videos` (needs moviepy)"""
+
     @property
     def batch_size(self) -> int:
         return self.num_envs * self.num_steps
@@ -182,108 +167,35 @@ class Args:
         return self.total_timesteps // self.batch_size
 
 
-class ConfigError(ValueError):
-    """Bad input (flags, env, checkpoint): main() prints it as one line and exits with code 2."""
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite: the run stops and keeps its last good checkpoint."""
-
-
-def require_module(module: str, purpose: str, package: str | None = None) -> None:
-    """Fail early with the install command when an optional package is missing."""
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        raise ConfigError(f"{purpose} needs the '{module}' package: pip install {package or module}") from None
-
-
-def cores_per_process() -> int:
-    """This machine's CPU cores divided by the processes torchrun started on it (at least 1)."""
-    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
-def world_size_from_env() -> int:
-    """The number of processes torchrun started (1 without torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def validate_args(args: Args) -> None:
-    """Reject inconsistent settings before anything is built."""
-    positive = ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs")
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.torch_threads < 0:
-        raise ConfigError(f"--torch-threads must be 0 or more, got {args.torch_threads}")
-    if args.learning_rate <= 0:
-        raise ConfigError(f"--learning-rate must be positive, got {args.learning_rate}")
-    if not 0 <= args.gamma <= 1 or not 0 <= args.gae_lambda <= 1:
-        raise ConfigError("--gamma and --gae-lambda must lie in [0, 1]")
-    world_size = world_size_from_env()
-    if args.num_envs % world_size != 0:
-        raise ConfigError(f"--num-envs {args.num_envs} does not divide over the {world_size} torchrun processes")
-    if args.batch_size % (args.num_minibatches * world_size) != 0:
-        raise ConfigError(
-            f"the rollout (num_envs * num_steps = {args.batch_size}) does not divide into "
-            f"{args.num_minibatches} minibatches" + (f" on each of {world_size} processes" if world_size > 1 else "")
-        )
-    if args.norm_adv and args.minibatch_size < 2:
-        raise ConfigError("advantage normalization needs minibatches of at least 2 samples")
-    if args.total_timesteps < args.batch_size:
-        raise ConfigError(
-            f"--total-timesteps {args.total_timesteps} is smaller than one rollout "
-            f"(num_envs * num_steps = {args.batch_size})"
-        )
-    if args.eval_episodes < 1:
-        raise ConfigError(f"--eval-episodes must be at least 1, got {args.eval_episodes}")
-    if args.env_backend == "gymnasium" or args.capture_video:
-        # gymnasium's ResizeObservation resizes with OpenCV; videos are recorded on that path too.
-        require_module("cv2", "the gymnasium wrapper stack", "opencv-python-headless")
-    if args.track:
-        require_module("wandb", "--track")
-    if args.capture_video:
-        require_module("moviepy", "--capture-video")
-
-
 # ENVIRONMENT
 
 
-def check_env_id(env_id: str) -> dict:
-    """Reject anything but a pixel Atari id of ale-py; return the game settings the id stands for.
+def make_vector_env(env_id: str, num_envs: int, backend: str, video_dir: Path | None = None) -> gym.vector.VectorEnv:
+    """num_envs copies of the game with the Atari preprocessing, by either path (vectorized envs: core detail 1
+    of Huang et al.).
 
-    The settings are read from the registered id so that both paths play the same game: the ROM,
-    the sticky-action probability (0 for NoFrameskip-v4, 0.25 for v5), the action set and the
-    time limit in frames (108,000 = 30 minutes of play for both families).
+    Both give uint8 observations (num_envs, 4, 84, 84), sign-clipped rewards, terminated=True on a lost life,
+    FIRE pressed after every episode end as part of the reset, finished games in info["final_info"]["episode"],
+    and SAME_STEP autoreset: when an episode ends, step() already returns the next observation and the true
+    last observation is in info["final_obs"], so every step of the rollout is a real transition.
     """
-    try:
-        spec = gym.spec(env_id)
-    except gym.error.Error as e:
-        raise ConfigError(f"unknown environment id {env_id!r}: {e}") from None
-    if spec.entry_point != "ale_py.env:AtariEnv":
-        hint = "; for continuous actions use ppo_continuous.py" if has_continuous_actions(env_id) else ""
-        raise ConfigError(f"{env_id} is not an Atari environment of ale-py (e.g. BreakoutNoFrameskip-v4){hint}")
-    defaults = {
-        name: parameter.default
-        for name, parameter in inspect.signature(ale_py.env.AtariEnv.__init__).parameters.items()
-    }
-    settings = {**defaults, **spec.kwargs}
+    if backend == "gymnasium" or video_dir is not None:  # only this path can render frames
+        envs = [lambda: make_atari_env(env_id, video_dir) for _ in range(num_envs)]
+        return gym.vector.SyncVectorEnv(envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    return AleVectorEnv(game_settings(env_id), num_envs)
+
+
+def game_settings(env_id: str) -> dict:
+    """The game an ale-py id stands for, read from its registration so that both paths play the same game:
+    the ROM, the sticky-action probability (0 for NoFrameskip-v4, 0.25 for v5), the action set and the time
+    limit in frames (108,000 = 30 minutes of play for both families)."""
+    signature = inspect.signature(ale_py.env.AtariEnv.__init__)
+    settings = {**{name: p.default for name, p in signature.parameters.items()}, **gym.spec(env_id).kwargs}
     return {
-        "game": settings["game"],
-        "repeat_action_probability": settings["repeat_action_probability"],
+        "game": settings["game"], "repeat_action_probability": settings["repeat_action_probability"],
         "full_action_space": settings["full_action_space"],
         "max_num_frames_per_episode": settings["max_num_frames_per_episode"] or 108_000,
-    }
-
-
-def has_continuous_actions(env_id: str) -> bool:
-    """Whether a (non-Atari) env has Box actions, to point its user to ppo_continuous.py."""
-    try:
-        env = gym.make(env_id)
-    except Exception:  # missing extras (e.g. mujoco): no hint rather than a second error
-        return False
-    env.close()
-    return isinstance(env.action_space, gym.spaces.Box)
+    }  # fmt: skip
 
 
 class NoopReset(gym.Wrapper):
@@ -516,24 +428,6 @@ class AleVectorEnv(gym.vector.VectorEnv):
             game.close()
 
 
-def make_vector_env(env_id: str, num_envs: int, backend: str, video_dir: Path | None = None) -> gym.vector.VectorEnv:
-    """num_envs copies of the game with the Atari preprocessing, by either path.
-
-    Both give uint8 observations (num_envs, 4, 84, 84), sign-clipped rewards, terminated=True on a
-    lost life, FIRE pressed after every episode end as part of the reset, finished games in
-    info["final_info"]["episode"], and SAME_STEP autoreset: when an
-    episode ends, step() already returns the next observation and the true last observation is in
-    info["final_obs"], so every step of the rollout is a real transition.
-    """
-    settings = check_env_id(env_id)
-    if backend == "gymnasium" or video_dir is not None:  # only this path can render frames
-        return gym.vector.SyncVectorEnv(
-            [lambda: make_atari_env(env_id, video_dir) for _ in range(num_envs)],
-            autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
-        )
-    return AleVectorEnv(settings, num_envs)
-
-
 def finished_games(info: dict) -> list[tuple[float, int]]:
     """(full-game unclipped score, length in steps) of each game that ended at this step."""
     final_info = info.get("final_info", {})
@@ -635,15 +529,54 @@ class Rollout:
     episode_ends: torch.Tensor  # (T, N) 1.0 where the episode ended at t (terminated or truncated)
 
 
-def compute_gae(
-    rewards: torch.Tensor,
-    values: torch.Tensor,
-    next_values: torch.Tensor,
-    terminations: torch.Tensor,
-    episode_ends: torch.Tensor,
-    gamma: float,
-    gae_lambda: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def collect_rollout(envs, agent: Agent, next_obs: torch.Tensor, num_steps: int):
+    """Run the policy for num_steps steps in every env; returns (rollout, the next rollout's first obs).
+
+    next_obs: (N, 4, 84, 84) uint8 observation to start from, on the agent's device. Observations go to the
+    device once, as uint8, and are stored there; rewards and done flags stay in numpy until the rollout ends
+    and cross once; what the policy produces stays on the device. The only per-step transfers are the
+    unavoidable ones: observation in, action out.
+    """
+    device = next(agent.parameters()).device
+    num_envs = next_obs.shape[0]
+    obs = torch.zeros((num_steps, *next_obs.shape), dtype=torch.uint8, device=device)
+    rewards, terminations, episode_ends = (np.zeros((num_steps, num_envs), np.float32) for _ in range(3))
+    actions = torch.zeros((num_steps, num_envs), dtype=torch.int64, device=device)
+    logprobs, values, next_values = (torch.zeros((num_steps, num_envs), device=device) for _ in range(3))
+    for step in range(num_steps):
+        obs[step] = next_obs
+        with torch.inference_mode():
+            action, logprob, _, value = agent.get_action_and_value(next_obs)
+        actions[step], logprobs[step], values[step] = action, logprob, value
+        raw_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
+        ended = terminated | truncated  # terminated includes a lost life
+        rewards[step], terminations[step], episode_ends[step] = reward, terminated, ended
+        next_obs = torch.as_tensor(raw_obs, device=device)
+        if truncated.any():
+            # SAME_STEP autoreset: raw_obs already belongs to what comes next (a new game, or the
+            # same game after a lost life); the observation the episode really ended on is
+            # info["final_obs"]. Its value is the bootstrap on truncation only (compute_gae
+            # multiplies it by 0 on termination, so a terminated env needs none). The check is on
+            # numpy flags and the indices go to the device as data: no device sync.
+            final_obs = torch.as_tensor(np.stack(info["final_obs"][truncated]), device=device)
+            with torch.inference_mode():
+                final_values = agent.get_value(final_obs)
+            next_values[step, torch.as_tensor(np.flatnonzero(truncated), device=device)] = final_values
+
+    to_device = lambda array: torch.as_tensor(array, device=device)  # noqa: E731
+    episode_ends_t = to_device(episode_ends)
+    # next_values[t] = V(s_{t+1}) = values[t + 1] inside an episode; V(s_T) after the last step.
+    with torch.inference_mode():
+        last_value = agent.get_value(next_obs)
+    shifted = torch.cat([values[1:], last_value.unsqueeze(0)])
+    next_values = torch.where(episode_ends_t == 0, shifted, next_values)
+    rollout = Rollout(
+        obs, actions, logprobs, values, to_device(rewards), next_values, to_device(terminations), episode_ends_t,
+    )  # fmt: skip
+    return rollout, next_obs
+
+
+def compute_gae(rewards, values, next_values, terminations, episode_ends, gamma: float, gae_lambda: float):
     """Generalized Advantage Estimation, eq. 16 of arXiv:1506.02438. All tensors (T, N).
 
     delta_t = r_t + gamma * (1 - terminated_t) * V(s_{t+1}) - V(s_t)
@@ -670,28 +603,7 @@ def compute_gae(
     return advantages, advantages + values
 
 
-def global_mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and (unbiased) std of x; under torchrun of the union of every process's x, so all
-    processes normalize with the same statistics, as one process with the whole batch would."""
-    if not dist.is_initialized():
-        return x.mean(), x.std()
-    moments = torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(x.numel()), device=x.device)])
-    dist.all_reduce(moments)
-    total, total_sq, count = moments
-    mean = total / count
-    return mean, ((total_sq - count * mean * mean) / (count - 1)).clamp(min=0).sqrt()
-
-
-def ppo_loss(
-    new_logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    entropy: torch.Tensor,
-    new_values: torch.Tensor,
-    old_values: torch.Tensor,
-    advantages: torch.Tensor,
-    returns: torch.Tensor,
-    args: Args,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def ppo_loss(new_logprobs, old_logprobs, entropy, new_values, old_values, advantages, returns, args: Args):
     """The PPO objective on one minibatch (all inputs (B,)); returns (loss to minimize, statistics).
 
     loss = L^CLIP + vf_coef * L^VF - ent_coef * entropy, eq. 9 of arXiv:1707.06347 (negated).
@@ -705,7 +617,7 @@ def ppo_loss(
         approx_kl = ((ratio - 1.0) - logratio).mean()
         clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
 
-    if args.norm_adv:  # per-minibatch advantage normalization
+    if args.norm_adv:  # per-minibatch advantage normalization (under torchrun over all processes' minibatches)
         mean, std = global_mean_std(advantages)
         advantages = (advantages - mean) / (std + 1e-8)
 
@@ -728,15 +640,319 @@ def ppo_loss(
     entropy_mean = entropy.mean()
     loss = policy_loss - args.ent_coef * entropy_mean + args.vf_coef * value_loss
     stats = {
-        "policy_loss": policy_loss.detach(),
-        "value_loss": value_loss.detach(),
-        "entropy": entropy_mean.detach(),
-        "old_approx_kl": old_approx_kl,
-        "approx_kl": approx_kl,
-        "clipfrac": clipfrac,
-        "loss": loss.detach(),
-    }
+        "policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(), "entropy": entropy_mean.detach(),
+        "old_approx_kl": old_approx_kl, "approx_kl": approx_kl, "clipfrac": clipfrac, "loss": loss.detach(),
+    }  # fmt: skip
     return loss, stats
+
+
+def update_policy(agent: Agent, optimizer, rollout: Rollout, advantages, returns, args: Args) -> dict[str, float]:
+    """update_epochs passes over the flattened rollout in shuffled minibatches; returns mean statistics.
+
+    Under torchrun each process takes its minibatches (minibatch_size / world_size samples) from its own
+    rollout; gradients, advantage statistics, the KL early stop and the statistics are averaged over the
+    processes (one call each), so that every process takes the very same steps.
+    """
+    b_obs = rollout.obs.reshape(-1, *rollout.obs.shape[2:])  # (B, 4, 84, 84) uint8, B = T * N
+    b_actions = rollout.actions.reshape(-1)
+    b_logprobs, b_values = rollout.logprobs.reshape(-1), rollout.values.reshape(-1)
+    b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
+    batch_size = b_obs.shape[0]  # this process's share of args.batch_size
+    minibatch_size = batch_size // args.num_minibatches
+
+    params = list(agent.parameters())
+    totals: dict[str, torch.Tensor] = {}
+    num_minibatch_updates = 0
+    for epoch in range(1, args.update_epochs + 1):  # noqa: B007 (epoch is reported below)
+        # A fresh permutation each epoch: every sample is used exactly once per epoch.
+        permutation = torch.randperm(batch_size, device=b_obs.device)
+        for start in range(0, batch_size, minibatch_size):
+            mb = permutation[start : start + minibatch_size]
+            # Under --bf16 the agent's autocast covers the network only; ppo_loss gets float32 inputs.
+            _, new_logprobs, entropy, new_values = agent.get_action_and_value(b_obs[mb], b_actions[mb])
+            loss, stats = ppo_loss(
+                new_logprobs, b_logprobs[mb], entropy, new_values, b_values[mb], b_advantages[mb], b_returns[mb], args
+            )
+            optimizer.zero_grad()
+            loss.backward()
+            average_gradients(params)  # torchrun: every process steps with the mean gradient of all
+            nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # one global norm over all weights
+            optimizer.step()
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value
+            num_minibatch_updates += 1
+        # Early stop on the KL of the last minibatch of the epoch (implementation detail 12), averaged
+        # over processes so that all of them stop at the same epoch.
+        if args.target_kl is not None and mean_over_processes(stats["approx_kl"]).item() > args.target_kl:
+            break
+    # Averages over all minibatches (and processes); the KL as seen on the last one; what the critic explains.
+    result = {key: mean_over_processes(value / num_minibatch_updates).item() for key, value in totals.items()}
+    result["last_approx_kl"] = mean_over_processes(stats["approx_kl"]).item()
+    result["epochs"] = epoch
+    result["explained_variance"] = explained_variance(b_values, b_returns)
+    result["learning_rate"] = optimizer.param_groups[0]["lr"]
+    return result
+
+
+def train(args: Args) -> dict:
+    """Train PPO; returns the summary that is also written to <run>/summary.json.
+
+    Under torchrun every process runs this loop on its share of the envs (only rank 0 logs and saves)."""
+    with Run(args) as run:  # checks args; sets up seeding, device, torchrun, run folder, logs, checkpoints, Ctrl-C
+        envs = run.watch(make_vector_env(args.env_id, args.num_envs // run.world_size, args.env_backend))
+        agent = Agent(int(envs.single_action_space.n), args.channels_last, args.bf16).to(run.device)
+        # Adam with eps 1e-5 (detail 3: PPO2's value, not torch's 1e-8); the fused kernel is the same math, faster.
+        optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+        start_iteration = run.restore(agent, optimizer)  # 1, or where --resume left off
+        # Env i of process r starts from seed + r * its num_envs + i (+ an offset when resuming).
+        env_seed = args.seed + run.rank * envs.num_envs + (start_iteration - 1) * args.num_envs
+        next_obs = torch.as_tensor(envs.reset(seed=env_seed)[0], device=run.device)
+
+        for iteration in range(start_iteration, args.num_iterations + 1):
+            if args.anneal_lr:  # linear annealing of the learning rate to 0 (detail 4)
+                optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
+
+            # COLLECT TRAJECTORIES
+            rollout, next_obs = collect_rollout(envs, agent, next_obs, args.num_steps)
+
+            # CALCULATE ADVANTAGE
+            advantages, returns = compute_gae(
+                rollout.rewards, rollout.values, rollout.next_values, rollout.terminations, rollout.episode_ends,
+                args.gamma, args.gae_lambda,
+            )  # fmt: skip
+
+            # UPDATE NETWORK
+            stats = update_policy(agent, optimizer, rollout, advantages, returns, args)
+
+            run.log(iteration, stats)  # TensorBoard, progress line; stops the run if the loss is not finite
+            run.save_if_due(iteration)  # every --save-interval iterations
+
+        run.finish()  # final checkpoint, its evaluation (as a reloaded model), summary.json
+    return run.summary
+
+
+# ==== PLUMBING: below this line nothing changes what PPO computes ====
+
+
+class ConfigError(ValueError):
+    """Bad input (flags, env, checkpoint): main() prints it as one line and exits with code 2."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: the run stops and keeps its last good checkpoint."""
+
+
+class Run:
+    """Everything around PPO for one training run, used as `with Run(args) as run:`.
+
+    It owns the run folder, TensorBoard (and W&B with --track), the progress line, the time split,
+    the checkpoints (periodic, final, on Ctrl-C / SIGTERM; never after a NaN), the final evaluation and
+    summary.json, the dict train() returns. Ctrl-C or SIGTERM anywhere inside the block saves the last
+    completed iteration (if training was not finished), writes the summary and returns normally.
+    Under torchrun every process has one, and only rank 0's writes, logs, saves, evaluates and prints.
+    """
+
+    def __init__(self, args: Args):
+        validate_args(args)
+        self.checkpoint = load_checkpoint(args.resume, args.env_id) if args.resume else None
+        if self.checkpoint is not None:
+            check_resume_settings(args, self.checkpoint["args"])
+        self.args = args
+        self.rank, self.world_size = int(os.environ.get("RANK", "0")), world_size_from_env()
+        self.is_main = self.rank == 0
+        seed_everything(args.seed + self.rank, args.torch_deterministic)  # each process samples its own actions
+        self.device = select_device(args)
+        if args.resume:  # a resumed run goes on writing into the folder of its checkpoint
+            self.dir = Path(args.resume).parent
+        else:
+            self.dir = Path(args.runs_dir) / f"{args.exp_name}__{args.env_id}__{args.seed}__{int(time.time())}"
+        try:
+            if self.is_main:
+                self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the run folder {self.dir}: {e.strerror}") from None
+        self.checkpoint_path = self.dir / "checkpoint.pt"
+        self.start_step = self.checkpoint["global_step"] if self.checkpoint else 0
+        self.global_step, self.iteration, self.saved_iteration = self.start_step, 0, None
+        self.episodes, self.recent_returns = 0, deque(maxlen=100)
+        self.env_time = self.inference_time = self.update_time = 0.0
+        self.status, self.stopped_by, self.training_done, self.summary = "completed", None, False, {}
+        start_distributed(self.device)  # torchrun: join the other processes
+        if self.is_main:
+            if args.track:
+                start_wandb(args, self.dir)
+            # purge_step: after a crash, the events logged past the checkpoint are dropped, not shown twice.
+            self.writer = SummaryWriter(str(self.dir), purge_step=self.start_step + 1 if self.checkpoint else None)
+            hyperparameters = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+            self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
+
+    def __enter__(self) -> Run:
+        self.previous_sigterm = None
+        if threading.current_thread() is threading.main_thread():  # SIGTERM (cluster schedulers) as Ctrl-C
+            self.previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.start_time = self.last_print = time.time()
+        self.iteration_start = time.perf_counter()
+        return self
+
+    def _on_sigterm(self, signum, frame):
+        self.stopped_by = "SIGTERM"
+        raise KeyboardInterrupt
+
+    def watch(self, envs: gym.vector.VectorEnv) -> gym.vector.VectorEnv:
+        """Wrap the envs so the run sees each finished game and the time spent stepping them."""
+        self.envs = EpisodeAndTimeMonitor(envs)
+        return self.envs
+
+    def restore(self, agent, optimizer) -> int:
+        """Register what a checkpoint holds; with --resume, load it. Returns the first iteration to run."""
+        self.model = (agent, optimizer)
+        broadcast_weights(agent)  # torchrun: every process starts from rank 0's initial weights
+        if self.checkpoint is None:
+            return 1
+        c = self.checkpoint
+        agent.load_state_dict(c["model"])
+        optimizer.load_state_dict(c["optimizer"])
+        if self.is_main:  # rank 0's random states are saved; under torchrun the others start from seed + rank
+            set_rng_states(c["rng"])
+        self.iteration = self.saved_iteration = c["iteration"]
+        if self.is_main:
+            print(f"resuming {self.checkpoint_path} at step {self.global_step:,} (iteration {c['iteration'] + 1})")
+        return c["iteration"] + 1
+
+    def log(self, iteration: int, stats: dict) -> None:
+        """Check the loss, then log the iteration's scalars under the tags of the popular single-file scripts."""
+        if not math.isfinite(stats["loss"]):
+            kept = f"the checkpoint of iteration {self.saved_iteration} is kept" if self.saved_iteration else None
+            raise TrainingDiverged(
+                f"the loss became {stats['loss']} at iteration {iteration}; stopped, {kept or 'nothing saved'}"
+            )
+        self.iteration, self.global_step = iteration, iteration * self.args.batch_size
+        # The time split: env.step() itself; inference is the rest of the rollout; the update (advantages
+        # included) runs from the rollout's last env step to now.
+        now, (episodes, env_seconds) = time.perf_counter(), self.envs.pop()
+        self.env_time += env_seconds
+        self.inference_time += self.envs.last_step_end - self.iteration_start - env_seconds
+        self.update_time += now - self.envs.last_step_end
+        self.iteration_start = now
+        episodes = gather_from_processes(episodes)  # torchrun: the games of every process, so all envs count
+        self.recent_returns.extend(episode_return for episode_return, _ in episodes)
+        self.episodes += len(episodes)
+        if not self.is_main:
+            return
+        step, write = self.global_step, self.writer.add_scalar
+        for episode_return, episode_length in episodes:
+            write("charts/episodic_return", episode_return, step)
+            write("charts/episodic_length", episode_length, step)
+        sps = (step - self.start_step) / (time.time() - self.start_time)
+        write("charts/learning_rate", stats["learning_rate"], step)
+        write("charts/SPS", sps, step)
+        write("charts/update_epochs", stats["epochs"], step)
+        for key in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"):
+            write(f"losses/{key}", stats[key], step)
+        write("losses/explained_variance", stats["explained_variance"], step)
+        for key, seconds in (("env", self.env_time), ("inference", self.inference_time), ("update", self.update_time)):
+            write(f"time/{key}_s", seconds, step)
+        first_or_last = self.last_print == self.start_time or iteration == self.args.num_iterations
+        if first_or_last or time.time() - self.last_print >= 10:
+            self.last_print = time.time()
+            print(self.progress_line(sps), flush=True)
+
+    def progress_line(self, sps: float) -> str:
+        total = self.args.num_iterations * self.args.batch_size
+        eta = format_duration((total - self.global_step) / max(sps, 1e-9))
+        recent = f"{np.mean(self.recent_returns):9.1f}" if self.recent_returns else "      n/a"
+        return (
+            f"step {self.global_step:>10,}/{total:,} | {sps:5.0f} SPS | ETA {eta} | return {recent} "
+            f"(last {len(self.recent_returns)}) | time env {self.env_time:.0f}s inference {self.inference_time:.0f}s "
+            f"update {self.update_time:.0f}s"
+        )
+
+    def save_if_due(self, iteration: int) -> None:
+        if self.args.save_interval and iteration % self.args.save_interval == 0:
+            self.save()
+
+    def save(self) -> None:
+        if self.is_main:  # under torchrun every process holds the same model: rank 0 writes it
+            save_checkpoint(self.checkpoint_path, *self.model, self.args, self.global_step, self.iteration)
+        self.saved_iteration = self.iteration
+
+    def finish(self) -> None:
+        """Save the final model, then evaluate it exactly as --eval-checkpoint evaluates a saved one."""
+        self.save()
+        self.training_done, self.training_end = True, time.time()  # wall time and SPS: training only
+        if not self.is_main:
+            return
+        result = evaluate_checkpoint(str(self.checkpoint_path), self.args)
+        self.summary.update(eval_return_mean=result["eval_return_mean"], eval_return_std=result["eval_return_std"])
+        self.writer.add_scalar("eval/episodic_return_mean", result["eval_return_mean"], self.global_step)
+
+    def __exit__(self, exc_type, exc, traceback) -> bool:
+        if self.previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self.previous_sigterm)
+        if hasattr(self, "envs"):
+            self.envs.close()
+        if exc_type is KeyboardInterrupt:
+            self.status, self.stopped_by = "interrupted", self.stopped_by or "SIGINT"
+            if hasattr(self, "model") and not self.training_done and self.iteration > 0:
+                self.save()
+            where = "in the final evaluation" if self.training_done else f"at step {self.global_step:,}"
+            if self.is_main:
+                print(f"interrupted ({self.stopped_by}) {where}; checkpoint: {self.saved_checkpoint()}", flush=True)
+        elif exc_type is not None:
+            self.status = "diverged" if exc_type is TrainingDiverged else "failed"
+        wall_time = (self.training_end if self.training_done else time.time()) - self.start_time
+        self.summary = {
+            "script": SCRIPT_NAME, "env_id": self.args.env_id, "env_backend": self.args.env_backend,
+            "world_size": self.world_size, "seed": self.args.seed, "status": self.status,
+            "global_step": self.global_step, "iterations": self.iteration, "wall_time_s": wall_time,
+            "sps": (self.global_step - self.start_step) / max(wall_time, 1e-9), "episodes": self.episodes,
+            "mean_return": float(np.mean(self.recent_returns)) if self.recent_returns else None,
+            "time_env_s": self.env_time, "time_inference_s": self.inference_time, "time_update_s": self.update_time,
+            "run_dir": str(self.dir) if self.is_main else None, "checkpoint": self.saved_checkpoint(), **self.summary,
+        }  # fmt: skip
+        if self.stopped_by:
+            self.summary["stopped_by"] = self.stopped_by
+        end_distributed()
+        if not self.is_main:
+            return exc_type is KeyboardInterrupt
+        (self.dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
+        self.writer.close()
+        if self.args.track:
+            import wandb
+
+            wandb.finish()
+        if self.status == "completed" and exc_type is None:
+            s, n = self.summary, len(self.recent_returns)
+            training = f"{s['mean_return']:.1f} (last {n} episodes)" if n else "n/a (no episode finished)"
+            evaluation = f"{s['eval_return_mean']:.1f} +- {s['eval_return_std']:.1f}"
+            duration = format_duration(wall_time)
+            print(f"done: {self.global_step:,} steps in {duration} ({s['sps']:.0f} SPS); training return {training} | "
+                  f"evaluation {evaluation} | {self.dir}")  # fmt: skip
+        return exc_type is KeyboardInterrupt  # handled: train() returns the summary
+
+    def saved_checkpoint(self) -> str | None:
+        return str(self.checkpoint_path) if self.is_main and self.checkpoint_path.exists() else None
+
+
+class EpisodeAndTimeMonitor(gym.vector.VectorWrapper):
+    """Records the (full-game unclipped score, length) of every finished game and the seconds spent in env.step()."""
+
+    def __init__(self, env: gym.vector.VectorEnv):
+        super().__init__(env)
+        self.episodes, self.step_time, self.last_step_end = [], 0.0, time.perf_counter()
+
+    def step(self, actions):
+        start = time.perf_counter()
+        obs, reward, terminated, truncated, info = self.env.step(actions)
+        self.last_step_end = time.perf_counter()
+        self.step_time += self.last_step_end - start
+        self.episodes.extend(finished_games(info))
+        return obs, reward, terminated, truncated, info
+
+    def pop(self) -> tuple[list[tuple[float, int]], float]:
+        """The episodes finished and the seconds spent stepping since the last pop()."""
+        popped, self.episodes, self.step_time = (self.episodes, self.step_time), [], 0.0
+        return popped
 
 
 def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:
@@ -747,174 +963,16 @@ def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> floa
     return (1.0 - (targets - predictions).var() / var_targets).item()
 
 
-# ROLLOUT, UPDATE, CHECKPOINTS
-
-
-class Timers:
-    """Wall-clock seconds spent stepping the environment, in policy inference (with the rollout's
-    bookkeeping) and in the update."""
-
-    def __init__(self):
-        self.env = self.inference = self.update = 0.0
-
-
-def collect_rollout(
-    envs: gym.vector.VectorEnv,
-    agent: Agent,
-    next_obs: torch.Tensor,
-    num_steps: int,
-    timers: Timers,
-    episode_stats: list,
-) -> tuple[Rollout, torch.Tensor]:
-    """Run the policy for num_steps steps in every env: act, step the envs, store.
-
-    next_obs: (N, 4, 84, 84) uint8 observation to start from, on the agent's device. Returns the
-    rollout (on the agent's device) and the observation the next rollout starts from. Appends
-    (full-game score, length) of every finished game to episode_stats. Observations go to the device
-    once, as uint8, and are stored there; rewards and done flags stay in numpy until the rollout ends
-    and cross once; what the policy produces stays on the device.
-    """
-    device = next(agent.parameters()).device
-    num_envs = next_obs.shape[0]
-    obs = torch.zeros((num_steps, *next_obs.shape), dtype=torch.uint8, device=device)
-    rewards, terminations, episode_ends = (np.zeros((num_steps, num_envs), np.float32) for _ in range(3))
-    actions = torch.zeros((num_steps, num_envs), dtype=torch.int64, device=device)
-    logprobs, values, next_values = (torch.zeros((num_steps, num_envs), device=device) for _ in range(3))
-    for step in range(num_steps):
-        t0 = time.perf_counter()
-        obs[step] = next_obs
-        with torch.inference_mode():
-            action, logprob, _, value = agent.get_action_and_value(next_obs)
-        actions[step], logprobs[step], values[step] = action, logprob, value
-        cpu_action = action.cpu().numpy()
-        t1 = time.perf_counter()
-        raw_obs, reward, terminated, truncated, info = envs.step(cpu_action)
-        t2 = time.perf_counter()
-        ended = terminated | truncated  # terminated includes a lost life
-        rewards[step], terminations[step], episode_ends[step] = reward, terminated, ended
-        next_obs = torch.as_tensor(raw_obs, device=device)
-        if truncated.any():
-            # SAME_STEP autoreset: raw_obs already belongs to what comes next (a new game, or the
-            # same game after a lost life); the observation the episode really ended on is
-            # info["final_obs"]. Its value is the bootstrap on truncation only (compute_gae
-            # multiplies it by 0 on termination, so a terminated env needs none). The check is on
-            # numpy flags and the indices go to the device as data: no device sync.
-            final_obs = torch.as_tensor(np.stack(info["final_obs"][truncated]), device=device)
-            with torch.inference_mode():
-                final_values = agent.get_value(final_obs)
-            next_values[step, torch.as_tensor(np.flatnonzero(truncated), device=device)] = final_values
-        if ended.any():
-            episode_stats.extend(finished_games(info))
-        timers.env += t2 - t1
-        timers.inference += (t1 - t0) + (time.perf_counter() - t2)
-
-    to_device = lambda array: torch.as_tensor(array, device=device)  # noqa: E731
-    episode_ends_t = to_device(episode_ends)
-    # next_values[t] = V(s_{t+1}) = values[t + 1] inside an episode; V(s_T) after the last step.
-    with torch.inference_mode():
-        last_value = agent.get_value(next_obs)
-    shifted = torch.cat([values[1:], last_value.unsqueeze(0)])
-    next_values = torch.where(episode_ends_t == 0, shifted, next_values)
-    rollout = Rollout(
-        obs, actions, logprobs, values, to_device(rewards), next_values,
-        to_device(terminations), episode_ends_t,
-    )  # fmt: skip
-    return rollout, next_obs
-
-
-def average_gradients(params: list[nn.Parameter]) -> None:
-    """Under torchrun: replace every process's gradients by their mean over all processes, in one
-    all-reduce of a flat buffer, so every process then takes the very same optimizer step."""
-    grads = [p.grad for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view(g.shape))
-        offset += g.numel()
-
-
-def update_policy(
-    agent: Agent,
-    optimizer: torch.optim.Optimizer,
-    rollout: Rollout,
-    advantages: torch.Tensor,
-    returns: torch.Tensor,
-    args: Args,
-) -> dict[str, float]:
-    """update_epochs passes over the flattened rollout in shuffled minibatches; returns mean stats.
-
-    Under torchrun each process works on its own rollout with minibatches of
-    minibatch_size / world_size samples; gradients, advantage statistics, the KL early-stop
-    decision and the returned statistics are all shared, so the processes stay identical.
-    """
-    b_obs = rollout.obs.reshape(-1, *rollout.obs.shape[2:])  # (B, 4, 84, 84) uint8, B = T * N
-    b_actions = rollout.actions.reshape(-1)
-    b_logprobs, b_values = rollout.logprobs.reshape(-1), rollout.values.reshape(-1)
-    b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
-    distributed = dist.is_initialized()
-    local_batch = b_obs.shape[0]
-    local_minibatch = local_batch // args.num_minibatches
-
-    params = list(agent.parameters())
-    totals: dict[str, torch.Tensor] = {}
-    num_minibatch_updates = 0
-    for _epoch in range(args.update_epochs):
-        # A fresh permutation each epoch: every sample is used exactly once per epoch.
-        permutation = torch.randperm(local_batch, device=b_obs.device)
-        for start in range(0, local_batch, local_minibatch):
-            mb = permutation[start : start + local_minibatch]
-            # Under --bf16 the agent's autocast covers the network only; ppo_loss gets float32 inputs.
-            _, new_logprobs, entropy, new_values = agent.get_action_and_value(b_obs[mb], b_actions[mb])
-            loss, stats = ppo_loss(
-                new_logprobs, b_logprobs[mb], entropy, new_values, b_values[mb],
-                b_advantages[mb], b_returns[mb], args,
-            )  # fmt: skip
-            optimizer.zero_grad()
-            loss.backward()
-            if distributed:
-                average_gradients(params)
-            nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # one global norm over all weights
-            optimizer.step()
-            for key, value in stats.items():
-                totals[key] = totals.get(key, 0.0) + value
-            num_minibatch_updates += 1
-        # Early stop on the KL of the last minibatch of the epoch (implementation detail 12),
-        # averaged over processes so that all of them stop at the same epoch.
-        last_kl = stats["approx_kl"].clone()
-        if distributed:
-            dist.all_reduce(last_kl)
-            last_kl /= dist.get_world_size()
-        if args.target_kl is not None and last_kl.item() > args.target_kl:
-            break
-    # Averages over all minibatches (and processes); the KL also as seen on the last one.
-    names = list(totals)
-    means = torch.stack([totals[key] for key in names]) / num_minibatch_updates
-    if distributed:
-        dist.all_reduce(means)
-        means /= dist.get_world_size()
-    result = dict(zip(names, means.tolist(), strict=True))
-    result["last_approx_kl"] = last_kl.item()
-    result["epochs"] = _epoch + 1
-    return result
-
-
 def save_checkpoint(path: Path, agent, optimizer, args, global_step, iteration):
-    """Weights, optimizer, args and progress in one file (pixels need no normalization statistics:
-    the network's fixed 1/255 is all there is).
+    """Weights, optimizer, RNG states, args and progress in one file (pixels need no normalization
+    statistics: the network's fixed 1/255 is all there is).
 
     Written to a temporary file and renamed, so an interrupted save never destroys the last one.
     """
     checkpoint = {
-        "script": SCRIPT_NAME,
-        "env_id": args.env_id,
-        "args": asdict(args),
-        "model": agent.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "global_step": global_step,
-        "iteration": iteration,
-    }
+        "script": SCRIPT_NAME, "env_id": args.env_id, "args": asdict(args), "model": agent.state_dict(),
+        "optimizer": optimizer.state_dict(), "rng": rng_states(), "global_step": global_step, "iteration": iteration,
+    }  # fmt: skip
     tmp_path = path.with_suffix(".tmp")
     torch.save(checkpoint, tmp_path)
     os.replace(tmp_path, path)
@@ -936,15 +994,65 @@ def load_checkpoint(path: str, env_id: str | None = None) -> dict:
     return checkpoint
 
 
-def evaluate(
-    agent: Agent,
-    env_id: str,
-    backend: str,
-    episodes: int,
-    seed: int,
-    stochastic: bool = True,
-    video_dir: Path | None = None,
-) -> list[float]:
+# Flags that change only how a run is logged, saved, evaluated or placed: a resumed run may change them.
+RESUME_MAY_CHANGE = {
+    "cuda", "torch_threads", "exp_name", "runs_dir", "track", "wandb_project_name", "wandb_entity", "save_interval",
+    "resume", "eval_checkpoint", "eval_episodes", "eval_stochastic", "capture_video",
+}  # fmt: skip
+
+
+def check_resume_settings(args: Args, saved: dict) -> None:
+    """A resumed run keeps the settings it was started with; a flag that would change them is refused."""
+    for name, value in asdict(args).items():
+        if name not in RESUME_MAY_CHANGE and name in saved and saved[name] != value:
+            flag = f"--{name.replace('_', '-')} {value}"
+            raise ConfigError(f"{flag} differs from the checkpoint's {saved[name]}: a resumed run keeps its settings")
+
+
+def rng_states() -> dict:
+    """The python, numpy and torch random states, so a resumed run draws what it would have drawn."""
+    name, key, position, has_gauss, gauss = np.random.get_state()
+    numpy_state = (name, torch.as_tensor(key.astype(np.int64)), position, has_gauss, gauss)
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    name, key, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def load_agent(checkpoint: dict, device: torch.device) -> Agent:
+    """Rebuild the agent from a loaded checkpoint, with the layout and precision it was trained with."""
+    model, saved = checkpoint["model"], checkpoint["args"]
+    agent = Agent(model["actor.weight"].shape[0], saved.get("channels_last", True), saved.get("bf16", False)).to(device)
+    agent.load_state_dict(model)
+    return agent
+
+
+def evaluate_checkpoint(path: str, args: Args) -> dict:
+    """The one evaluation entry point (after training, and --eval-checkpoint): a saved model on the env and env
+    path it was trained on, full games, unclipped score. Returns the returns and their mean and std."""
+    checkpoint = load_checkpoint(path)
+    agent = load_agent(checkpoint, select_device(args))
+    backend = checkpoint["args"]["env_backend"]
+    if backend == "gymnasium":
+        require_module("cv2", "the gymnasium wrapper stack", "opencv-python-headless")
+    video_dir = Path(path).parent / "videos" if args.capture_video else None
+    returns = evaluate(
+        agent, checkpoint["env_id"], backend, args.eval_episodes, args.seed, args.eval_stochastic, video_dir
+    )
+    return {
+        "env_id": checkpoint["env_id"], "global_step": checkpoint["global_step"], "eval_episodes": len(returns),
+        "eval_return_mean": float(np.mean(returns)), "eval_return_std": float(np.std(returns)), "eval_returns": returns,
+    }  # fmt: skip
+
+
+def evaluate(agent, env_id: str, backend: str, episodes: int, seed: int, stochastic=True, video_dir=None):
     """Full-game, unclipped scores of `episodes` games, played one after the other in one env.
 
     The agent plays with the same preprocessing as in training (a lost life continues the game); it
@@ -966,68 +1074,125 @@ def evaluate(
     return scores[:episodes]
 
 
-def load_agent(checkpoint: dict, num_actions: int, device: torch.device) -> Agent:
-    """Rebuild the agent from a loaded checkpoint."""
-    saved_args = checkpoint["args"]
-    agent = Agent(num_actions, saved_args.get("channels_last", True), saved_args.get("bf16", False)).to(device)
-    agent.load_state_dict(checkpoint["model"])
-    return agent
+def require_module(module: str, purpose: str, package: str | None = None) -> None:
+    """Fail early with the install command when an optional package is missing."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"{purpose} needs the '{module}' package: pip install {package or module}") from None
 
 
-def evaluate_checkpoint(args: Args) -> dict:
-    """--eval-checkpoint: evaluate a saved model on the env it was trained on; print mean and std."""
-    checkpoint = load_checkpoint(args.eval_checkpoint)
-    env_id = checkpoint["env_id"]
-    check_env_id(env_id)
-    backend = checkpoint["args"]["env_backend"]
-    if backend == "gymnasium" or args.capture_video:
+def validate_args(args: Args) -> None:
+    """Reject a setting from which nothing sensible can follow, with one line, before anything is built."""
+    counts = ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes")
+    for name in counts:
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    rollout, world_size = f"num_envs * num_steps = {args.batch_size}", world_size_from_env()
+    on_each = f" on each of {world_size} processes" if world_size > 1 else ""
+    checks = [
+        (args.torch_threads >= 0, f"--torch-threads must be 0 or more, got {args.torch_threads}"),
+        (args.learning_rate > 0, f"--learning-rate must be positive, got {args.learning_rate}"),
+        (0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1, "--gamma and --gae-lambda must lie in [0, 1]"),
+        (args.clip_coef > 0, f"--clip-coef must be positive, got {args.clip_coef}"),
+        (args.max_grad_norm > 0, f"--max-grad-norm must be positive (0 freezes the policy), got {args.max_grad_norm}"),
+        (args.ent_coef >= 0 and args.vf_coef >= 0, "--ent-coef and --vf-coef must not be negative"),
+        (args.target_kl is None or args.target_kl > 0, f"--target-kl must be positive when set, got {args.target_kl}"),
+        (0 <= args.seed < 2**32, f"--seed must lie in [0, 2**32), got {args.seed}"),
+        (args.save_interval >= 0, f"--save-interval must not be negative, got {args.save_interval}"),
+        (not (args.resume and args.eval_checkpoint), "--resume and --eval-checkpoint exclude each other"),
+        (args.num_envs % world_size == 0,
+         f"--num-envs {args.num_envs} does not divide over the {world_size} torchrun processes"),
+        (args.batch_size % (args.num_minibatches * world_size) == 0,
+         f"the rollout ({rollout}) does not divide into {args.num_minibatches} minibatches{on_each}"),
+        (not args.norm_adv or args.minibatch_size >= 2, "--norm-adv needs minibatches of 2 samples or more"),
+        (args.total_timesteps >= args.batch_size,
+         f"--total-timesteps {args.total_timesteps} is smaller than one rollout ({rollout})"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if args.env_backend == "gymnasium" or args.capture_video:
+        # gymnasium's ResizeObservation resizes with OpenCV; videos are recorded on that path too.
         require_module("cv2", "the gymnasium wrapper stack", "opencv-python-headless")
-    probe = make_vector_env(env_id, 1, backend)
-    num_actions = int(probe.single_action_space.n)
-    probe.close()
-    device = select_device(args)
-    agent = load_agent(checkpoint, num_actions, device)
-    video_dir = Path(args.eval_checkpoint).parent / "videos" if args.capture_video else None
-    returns = evaluate(agent, env_id, backend, args.eval_episodes, args.seed, args.eval_stochastic, video_dir)
-    result = {
-        "env_id": env_id,
-        "global_step": checkpoint["global_step"],
-        "eval_episodes": len(returns),
-        "eval_return_mean": float(np.mean(returns)),
-        "eval_return_std": float(np.std(returns)),
-        "eval_returns": returns,
-    }
-    print(
-        f"{env_id} ({args.eval_checkpoint}, {checkpoint['global_step']} steps): "
-        f"return {result['eval_return_mean']:.1f} +- {result['eval_return_std']:.1f} over {len(returns)} episodes"
-    )
-    return result
+    if args.track:
+        require_module("wandb", "--track")
+        if not wandb_can_log():
+            raise ConfigError(
+                "--track needs a W&B API key: run `wandb login`, set WANDB_API_KEY, or set WANDB_MODE=offline"
+            )
+    if args.capture_video:
+        require_module("moviepy", "--capture-video")
+    if not args.eval_checkpoint:
+        check_env(args.env_id)
+
+
+def check_env(env_id: str) -> None:
+    """Reject an unknown id, or one that is not an Atari game of ale-py (pointing Box-action envs elsewhere)."""
+    try:
+        spec = gym.spec(env_id)
+    except gym.error.Error as e:
+        raise ConfigError(f"unknown environment id {env_id!r}: {e}") from None
+    if spec.entry_point != "ale_py.env:AtariEnv":
+        hint = "; for continuous actions use ppo_continuous.py" if has_continuous_actions(env_id) else ""
+        raise ConfigError(f"{env_id} is not an Atari environment of ale-py (e.g. BreakoutNoFrameskip-v4){hint}")
+
+
+def has_continuous_actions(env_id: str) -> bool:
+    """Whether a (non-Atari) env has Box actions, to point its user to ppo_continuous.py."""
+    try:
+        env = gym.make(env_id)
+    except Exception:  # missing extras (e.g. mujoco): no hint rather than a second error
+        return False
+    env.close()
+    return isinstance(env.action_space, gym.spaces.Box)
+
+
+def wandb_can_log() -> bool:
+    """True in offline mode or with an API key (WANDB_API_KEY or the ~/.netrc entry `wandb login` writes)."""
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled") or os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(wandb_host()) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_host() -> str:
+    import wandb
+
+    return urlparse(wandb.Settings().base_url).hostname  # WANDB_BASE_URL, or the SDK's default server
+
+
+def start_wandb(args: Args, run_dir: Path) -> None:
+    """A W&B run mirroring TensorBoard; when the W&B server cannot be reached, it logs offline and says so."""
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE")
+    if mode not in ("offline", "disabled"):
+        try:  # a 5-second probe, instead of wandb's own 90-second wait for a server that is not there
+            socket.create_connection((wandb_host(), 443), timeout=5).close()
+        except OSError as e:
+            print(f"W&B unreachable ({e}): logging offline into {run_dir / 'wandb'} (upload later: `wandb sync`)")
+            mode = "offline"
+    try:
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
+                   dir=str(run_dir), sync_tensorboard=True, mode=mode)  # fmt: skip
+    except Exception as e:
+        raise ConfigError(
+            f"--track: W&B did not start ({type(e).__name__}: {e}); WANDB_MODE=offline logs locally"
+        ) from None
 
 
 def select_device(args: Args) -> torch.device:
-    """The device for the networks, chosen once per process; also sets torch's CPU thread count.
-
-    Under torchrun, process LOCAL_RANK of a machine takes GPU LOCAL_RANK, and by default the CPU
-    cores are shared out among the processes of the machine.
-    """
+    """The device for the networks; also sets torch's CPU thread count. Under torchrun, process LOCAL_RANK of a
+    machine takes GPU LOCAL_RANK, and by default the CPU cores are shared out among the machine's processes."""
     torch.set_num_threads(args.torch_threads or cores_per_process())
     if args.cuda and torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
-
-
-def start_distributed(device: torch.device) -> int:
-    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL between GPUs, gloo on CPU.
-
-    torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT, on one machine or many.
-    Returns this process's rank (0 without torchrun).
-    """
-    if world_size_from_env() == 1:
-        return 0
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank()
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -1047,264 +1212,120 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def start_run(args: Args) -> tuple[Path, SummaryWriter]:
-    """The run folder, its TensorBoard writer and, with --track, a W&B run mirroring TensorBoard.
-
-    A resumed run goes on writing into the folder of its checkpoint.
-    """
-    if args.resume:
-        run_dir = Path(args.resume).parent
-    else:
-        run_name = f"{args.exp_name}__{args.env_id}__{args.seed}__{int(time.time())}"
-        run_dir = Path(args.runs_dir) / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if args.track:
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name,
-            config=asdict(args), dir=str(run_dir), sync_tensorboard=True,
-        )  # fmt: skip
-    writer = SummaryWriter(str(run_dir))
-    hyperparameters = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
-    return run_dir, writer
+# torchrun (data parallel): every process runs train() on num_envs / world_size envs. It is one PPO because
+# the processes start from the same weights, average their gradients and share the advantage statistics,
+# the KL early stop and the logged statistics; alone, each helper below does nothing.
 
 
-def log_iteration(writer, global_step, stats, rollout, returns, learning_rate, sps, timers, new_episodes):
-    """TensorBoard scalars of one iteration, under the tags of the popular single-file scripts."""
-    for episode_return, episode_length in new_episodes:
-        writer.add_scalar("charts/episodic_return", episode_return, global_step)
-        writer.add_scalar("charts/episodic_length", episode_length, global_step)
-    writer.add_scalar("charts/learning_rate", learning_rate, global_step)
-    writer.add_scalar("charts/SPS", sps, global_step)
-    writer.add_scalar("charts/update_epochs", stats["epochs"], global_step)
-    for key in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"):
-        writer.add_scalar(f"losses/{key}", stats[key], global_step)
-    ev = explained_variance(rollout.values.flatten(), returns.flatten())
-    writer.add_scalar("losses/explained_variance", ev, global_step)
-    for key in ("env", "inference", "update"):
-        writer.add_scalar(f"time/{key}_s", getattr(timers, key), global_step)
+def world_size_from_env() -> int:
+    """The number of processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def progress_line(global_step: int, total_steps: int, sps: float, recent_returns, timers: Timers) -> str:
-    eta = format_duration((total_steps - global_step) / max(sps, 1e-9))
-    recent = f"{np.mean(recent_returns):9.1f}" if recent_returns else "      n/a"
-    return (
-        f"step {global_step:>10,}/{total_steps:,} | {sps:5.0f} SPS | ETA {eta} | "
-        f"return {recent} (last {len(recent_returns)}) | "
-        f"time env {timers.env:.0f}s inference {timers.inference:.0f}s update {timers.update:.0f}s"
-    )
+def cores_per_process() -> int:
+    """This machine's CPU cores divided by the processes torchrun started on it (at least 1)."""
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def train(args: Args) -> dict:
-    """Train PPO and return the summary that is also written to <run>/summary.json.
+def start_distributed(device: torch.device) -> None:
+    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL between GPUs, gloo on CPU. torchrun sets
+    RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT, on one machine or many."""
+    if world_size_from_env() > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
-    Under torchrun every process runs this same loop on its share of the envs; only rank 0 logs,
-    prints, saves and evaluates (the finished games of all processes are gathered for its logs and
-    returns), and the returned summary of the other ranks has no run folder.
-    """
-    validate_args(args)
-    checkpoint = load_checkpoint(args.resume, args.env_id) if args.resume else None
-    device = select_device(args)
-    rank, world_size = start_distributed(device), world_size_from_env()
-    is_main = rank == 0
-    seed_everything(args.seed + rank, args.torch_deterministic)  # each process samples its own actions
-    local_num_envs = args.num_envs // world_size
-    envs = make_vector_env(args.env_id, local_num_envs, args.env_backend)
-    run_dir, writer = start_run(args) if is_main else (None, None)
-    checkpoint_path = run_dir / "checkpoint.pt" if is_main else None
 
-    agent = Agent(int(envs.single_action_space.n), args.channels_last, args.bf16).to(device)
-    if world_size > 1:  # identical initial weights everywhere: rank 0's
+def end_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_weights(agent: nn.Module) -> None:
+    """Every process's initial weights become rank 0's."""
+    if dist.is_initialized():
         for tensor in agent.state_dict().values():
             dist.broadcast(tensor, src=0)
-    # Adam with eps 1e-5 (PPO2's value, not torch's 1e-8); the fused kernel is the same math, faster.
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
-    global_step, start_iteration = 0, 1
-    if checkpoint is not None:
-        agent.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
-        if is_main:
-            print(f"resuming {checkpoint_path} at step {global_step:,} (iteration {start_iteration})")
 
-    def save(progress: dict) -> None:
-        if is_main:
-            save_checkpoint(checkpoint_path, agent, optimizer, args, progress["global_step"],
-                            progress["iteration"])  # fmt: skip
 
-    # Env i of rank r starts from seed + r * local_num_envs + i (+ an offset when resuming).
-    env_seed = args.seed + rank * local_num_envs + (start_iteration - 1) * args.num_envs
-    next_obs = torch.as_tensor(envs.reset(seed=env_seed)[0], device=device)
-    num_episodes = 0  # finished games, over all processes
-    recent_returns: deque[float] = deque(maxlen=100)
-    timers = Timers()
-    done = {
-        "iteration": start_iteration - 1,
-        "global_step": global_step,
-    }  # last completed iteration
-    total_steps = args.num_iterations * args.batch_size
-    status, diverged = "completed", None
-    start_time = last_print = time.time()
-    start_step = global_step
-    previous_sigterm = handle_sigterm_as_interrupt()
-    try:
-        for iteration in range(start_iteration, args.num_iterations + 1):
-            if args.anneal_lr:  # linear annealing of the learning rate to 0
-                frac = 1.0 - (iteration - 1.0) / args.num_iterations
-                optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+def average_gradients(params: list[nn.Parameter]) -> None:
+    """Replace every process's gradients by their mean over all processes, in one all-reduce of a flat
+    buffer, so every process then takes the very same optimizer step."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view(g.shape))
+        offset += g.numel()
 
-            # COLLECT TRAJECTORIES
-            new_episodes: list[tuple[float, int]] = []  # (score, length) of each game finished
-            rollout, next_obs = collect_rollout(envs, agent, next_obs, args.num_steps, timers, new_episodes)
-            global_step += args.batch_size  # over all processes
 
-            # CALCULATE ADVANTAGE
-            advantages, returns = compute_gae(
-                rollout.rewards, rollout.values, rollout.next_values, rollout.terminations,
-                rollout.episode_ends, args.gamma, args.gae_lambda,
-            )  # fmt: skip
+def global_mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (unbiased) std of x; under torchrun of the union of every process's x, so all
+    processes normalize with the same statistics, as one process with the whole batch would."""
+    if not dist.is_initialized():
+        return x.mean(), x.std()
+    moments = torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(x.numel()), device=x.device)])
+    dist.all_reduce(moments)
+    total, total_sq, count = moments
+    mean = total / count
+    return mean, ((total_sq - count * mean * mean) / (count - 1)).clamp(min=0).sqrt()
 
-            # UPDATE NETWORK
-            update_start = time.perf_counter()
-            stats = update_policy(agent, optimizer, rollout, advantages, returns, args)
-            timers.update += time.perf_counter() - update_start
-            if not math.isfinite(stats["loss"]):
-                raise TrainingDiverged(
-                    f"the loss became {stats['loss']} at iteration {iteration} (step {global_step:,}); "
-                    f"stopped without saving, the last good checkpoint is kept"
-                )
-            done = {"iteration": iteration, "global_step": global_step}
 
-            # LOG
-            if world_size > 1:  # every process's games, so the logged returns stand for all envs
-                gathered = [None] * world_size
-                dist.all_gather_object(gathered, new_episodes)
-                new_episodes = [game for games in gathered for game in games]
-            num_episodes += len(new_episodes)
-            recent_returns.extend(episode_return for episode_return, _ in new_episodes)
-            sps = (global_step - start_step) / (time.time() - start_time)
-            learning_rate = optimizer.param_groups[0]["lr"]
-            if is_main:
-                log_iteration(
-                    writer, global_step, stats, rollout, returns, learning_rate, sps, timers,
-                    new_episodes,
-                )  # fmt: skip
-            if is_main and (time.time() - last_print >= 10 or iteration in (start_iteration, args.num_iterations)):
-                last_print = time.time()
-                print(progress_line(global_step, total_steps, sps, recent_returns, timers), flush=True)
-            if args.save_interval and iteration % args.save_interval == 0:
-                save(done)
-    except KeyboardInterrupt:
-        status = "interrupted"
-        if is_main:
-            print(f"interrupted at step {done['global_step']:,}: saving {checkpoint_path}", flush=True)
-    except TrainingDiverged as error:
-        status, diverged = "diverged", error
-    finally:
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
-        envs.close()
+def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
+    """The mean of a tensor over all processes (a new tensor; x itself without torchrun)."""
+    if not dist.is_initialized():
+        return x
+    total = x.clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
 
-    if status != "diverged":
-        save(done)
-    wall_time = time.time() - start_time
-    summary = {
-        "script": SCRIPT_NAME,
-        "env_id": args.env_id,
-        "env_backend": args.env_backend,
-        "world_size": world_size,
-        "seed": args.seed,
-        "status": status,
-        "global_step": done["global_step"],
-        "iterations": done["iteration"],
-        "wall_time_s": wall_time,
-        "sps": (done["global_step"] - start_step) / max(wall_time, 1e-9),
-        "episodes": num_episodes,
-        "mean_return": float(np.mean(recent_returns)) if recent_returns else None,
-        "time_env_s": timers.env,
-        "time_inference_s": timers.inference,
-        "time_update_s": timers.update,
-        "run_dir": str(run_dir) if is_main else None,
-        "checkpoint": str(checkpoint_path) if is_main and checkpoint_path.exists() else None,
-    }
-    if world_size > 1:
-        dist.destroy_process_group()
-    if not is_main:
-        if diverged is not None:
-            raise diverged
-        return summary
-    if status == "completed":
-        # EVALUATE the final model exactly as a reloaded checkpoint is evaluated.
-        previous_sigterm = handle_sigterm_as_interrupt()
-        try:
-            summary.update(evaluate_final_model(agent, args, run_dir))
-        except KeyboardInterrupt:  # the checkpoint is saved: keep the logs, skip the evaluation
-            status = summary["status"] = "interrupted"
-            print(f"interrupted in the final evaluation; {checkpoint_path} is saved", flush=True)
-        finally:
-            if previous_sigterm is not None:
-                signal.signal(signal.SIGTERM, previous_sigterm)
-    if status == "completed":
-        writer.add_scalar("eval/episodic_return_mean", summary["eval_return_mean"], global_step)
-        recent = f"{summary['mean_return']:.1f}" if recent_returns else "n/a"
-        print(
-            f"done: {global_step:,} steps in {format_duration(wall_time)} ({summary['sps']:.0f} SPS); "
-            f"training return {recent} (last {len(recent_returns)} episodes) | "
-            f"evaluation {summary['eval_return_mean']:.1f} +- {summary['eval_return_std']:.1f} | {run_dir}",
-            flush=True,
+
+def gather_from_processes(items: list) -> list:
+    """The items of every process, in rank order (items itself without torchrun)."""
+    if not dist.is_initialized():
+        return items
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, items)
+    return [item for process_items in gathered for item in process_items]
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """tyro's command line, with a mistyped flag as one line; under --resume, flags not given keep the
+    checkpoint's values (check_resume_settings refuses the ones given that differ)."""
+    args, unknown = tyro.cli(Args, args=argv, return_unknown_args=True)
+    if unknown:
+        flag = next((u.split("=")[0] for u in unknown if u.startswith("--")), unknown[0])
+        known = ["--" + f.name.replace("_", "-") for f in fields(Args)]
+        close = difflib.get_close_matches(flag, known + ["--no-" + k[2:] for k in known], n=1)
+        raise ConfigError(
+            f"unrecognized argument {flag}" + (f" (did you mean {close[0]}?)" if close else "") + "; see --help"
         )
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    writer.close()
-    if args.track:
-        import wandb
-
-        wandb.finish()
-    if diverged is not None:
-        raise diverged
-    return summary
-
-
-def evaluate_final_model(agent: Agent, args: Args, run_dir: Path) -> dict:
-    video_dir = run_dir / "videos" if args.capture_video else None
-    returns = evaluate(
-        agent, args.env_id, args.env_backend, args.eval_episodes, args.seed, args.eval_stochastic,
-        video_dir,
-    )  # fmt: skip
-    return {"eval_return_mean": float(np.mean(returns)), "eval_return_std": float(np.std(returns))}
-
-
-def handle_sigterm_as_interrupt():
-    """SIGTERM (e.g. from a cluster scheduler or torchrun) is handled like Ctrl-C: save, flush, exit.
-
-    Returns the previous handler, or None where signals cannot be set (not the main thread).
-    """
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def raise_interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    return signal.signal(signal.SIGTERM, raise_interrupt)
+    if args.resume:
+        saved = load_checkpoint(args.resume)["args"]
+        defaults = Args(**{f.name: saved[f.name] for f in fields(Args) if f.name in saved})
+        args = tyro.cli(Args, args=argv, default=defaults)
+    return args
 
 
 def main() -> None:
-    args = tyro.cli(Args)
     try:
+        args = parse_args()
         if args.eval_checkpoint:
-            evaluate_checkpoint(args)
-        elif train(args)["status"] == "interrupted":
-            sys.exit(130)
-    except ConfigError as e:
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process finds it: say it once
+            validate_args(args)
+            result = evaluate_checkpoint(args.eval_checkpoint, args)
+            mean, std, episodes = result["eval_return_mean"], result["eval_return_std"], result["eval_episodes"]
+            print(f"{result['env_id']} ({args.eval_checkpoint}, {result['global_step']:,} steps): "
+                  f"return {mean:.1f} +- {std:.1f} over {episodes} episodes")  # fmt: skip
+            return
+        summary = train(args)
+    except (ConfigError, TrainingDiverged) as e:
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process has it: say it once
             print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(e, ConfigError) else 1)
+    if summary["status"] == "interrupted":
+        sys.exit(143 if summary["stopped_by"] == "SIGTERM" else 130)  # 128 + the signal's number
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Tests of ppo_atari.py: each Atari preprocessing detail on a real game, on both environment paths;
 the gymnasium 1.x rollout (no phantom transitions, life loss as episode end), the advantage
-estimation, two-process data parallelism, checkpoints, evaluation in a fresh process, resume,
-determinism and bad input."""
+estimation, two-process data parallelism, checkpoints, evaluation in a fresh process, resume (settings,
+RNG states, logs), interruption, divergence, determinism and bad input."""
 
 import json
+import math
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -245,14 +247,14 @@ def test_both_paths_agree_on_a_whole_game():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_phantom_transition_reaches_the_rollout(backend):
     torch.manual_seed(0)
-    envs = pa.make_vector_env("BreakoutNoFrameskip-v4", 2, backend)
+    envs = pa.EpisodeAndTimeMonitor(pa.make_vector_env("BreakoutNoFrameskip-v4", 2, backend))  # as train() watches
     agent = pa.Agent(4)
     value_calls = []
     get_value = agent.get_value
     agent.get_value = lambda obs: value_calls.append(len(obs)) or get_value(obs)
     raw_obs, _ = envs.reset(seed=0)
-    games: list = []
-    rollout, _ = pa.collect_rollout(envs, agent, torch.as_tensor(raw_obs), 300, pa.Timers(), games)
+    rollout, _ = pa.collect_rollout(envs, agent, torch.as_tensor(raw_obs), 300)
+    games, _ = envs.pop()
     envs.close()
     obs = rollout.obs  # (T, N, 4, 84, 84) uint8
     assert obs.dtype == torch.uint8 and obs.shape == (300, 2, 4, 84, 84)
@@ -295,7 +297,7 @@ def test_truncation_bootstraps_and_termination_does_not_in_the_rollout(monkeypat
 
     monkeypatch.setattr(envs, "step", step)
     raw_obs, _ = envs.reset(seed=0)
-    rollout, _ = pa.collect_rollout(envs, agent, torch.as_tensor(raw_obs), 8, pa.Timers(), [])
+    rollout, _ = pa.collect_rollout(envs, agent, torch.as_tensor(raw_obs), 8)
     with torch.inference_mode():
         v_final = agent.get_value(torch.full((1, 4, 84, 84), 7, dtype=torch.uint8))
     assert rollout.episode_ends[4, 0] == 1 and rollout.terminations[4, 0] == 0
@@ -371,9 +373,9 @@ def _rank_worker(rank: int, out: str, port: int) -> None:
     pa.update_policy = spy
     collect = pa.collect_rollout
 
-    def collect_and_finish_a_game(*args):  # one game of score 1000 + rank per rollout and process
-        result = collect(*args)
-        args[-1].append((1000.0 + rank, 7))
+    def collect_and_finish_a_game(envs, *rest):  # one game of score 1000 + rank per rollout and process
+        result = collect(envs, *rest)
+        envs.episodes.append((1000.0 + rank, 7))  # as if the monitor train() puts around the envs saw it
         return result
 
     pa.collect_rollout = collect_and_finish_a_game
@@ -426,6 +428,7 @@ def test_train_writes_logs_checkpoint_and_summary(tmp_path, backend, flags):
     assert summary["time_env_s"] > 0 and summary["time_inference_s"] > 0 and summary["time_update_s"] > 0
     checkpoint = pa.load_checkpoint(summary["checkpoint"], "BreakoutNoFrameskip-v4")
     assert checkpoint["global_step"] == 256 and checkpoint["iteration"] == 4
+    assert set(checkpoint) >= {"model", "optimizer", "rng", "args"}  # the random states too, for --resume
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -490,9 +493,8 @@ def test_sigterm_in_the_final_evaluation_keeps_checkpoint_and_logs(tmp_path, mon
 
 def test_interrupted_run_saves_and_resumes_to_the_end(tmp_path):
     flags = [
-        "--total-timesteps", "100000", "--num-envs", "4", "--num-steps", "16",
-        "--num-minibatches", "2", "--update-epochs", "1", "--save-interval", "1",
-        "--runs-dir", str(tmp_path), "--no-cuda",
+        "--total-timesteps", "1600", "--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2",
+        "--update-epochs", "1", "--save-interval", "1", "--eval-episodes", "1", "--runs-dir", str(tmp_path), "--no-cuda",
     ]  # fmt: skip
     process = subprocess.Popen([sys.executable, SCRIPT, *flags], cwd=REPO, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
@@ -501,29 +503,150 @@ def test_interrupted_run_saves_and_resumes_to_the_end(tmp_path):
         time.sleep(0.1)
     process.send_signal(signal.SIGTERM)
     stdout, _ = process.communicate(timeout=60)
-    assert process.returncode == 130, stdout
+    assert process.returncode == 143, stdout  # 128 + SIGTERM's number, as is conventional (Ctrl-C: 130)
+    assert "interrupted (SIGTERM)" in stdout
     (checkpoint_path,) = tmp_path.glob("*/checkpoint.pt")
     interrupted_at = pa.load_checkpoint(str(checkpoint_path))["global_step"]
-    assert 0 < interrupted_at < 100000
+    assert 0 < interrupted_at < 1600
     summary = json.loads((checkpoint_path.parent / "summary.json").read_text())
     assert summary["status"] == "interrupted"
 
-    # Resume with a budget of two more iterations (the budget is a flag, not part of the model).
-    total = interrupted_at + 128
-    args = tiny_args(tmp_path, total_timesteps=total, update_epochs=1, resume=str(checkpoint_path))
-    summary = pa.train(args)
-    assert summary["status"] == "completed" and summary["global_step"] == total
+    # Only --resume: every setting (env, envs, steps, minibatches, total) comes from the checkpoint.
+    result = run_cli("--resume", str(checkpoint_path), "--no-cuda", timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming {checkpoint_path} at step {interrupted_at:,}" in result.stdout
+    summary = json.loads((checkpoint_path.parent / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["global_step"] == 1600
     assert summary["run_dir"] == str(checkpoint_path.parent)  # the same run goes on
     final = pa.load_checkpoint(str(checkpoint_path), "BreakoutNoFrameskip-v4")
-    assert final["iteration"] == total // 64
+    assert final["iteration"] == 1600 // 64
 
 
-def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    good = pa.train(tiny_args(tmp_path))
-    before = Path(good["checkpoint"]).read_bytes()
-    with pytest.raises(pa.TrainingDiverged, match="last good checkpoint is kept"):
-        pa.train(tiny_args(tmp_path, total_timesteps=640, resume=good["checkpoint"], learning_rate=1e30))
-    assert Path(good["checkpoint"]).read_bytes() == before
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_in_the_final_evaluation_exits_with_the_signal_code(tmp_path, monkeypatch, signum, exit_code):
+    def evaluate_until_signal(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("the signal was not handled")
+
+    monkeypatch.setattr(pa, "evaluate", evaluate_until_signal)
+    flags = ["--total-timesteps", "64", "--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2",
+             "--runs-dir", str(tmp_path), "--no-cuda"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", [SCRIPT, *flags])
+    with pytest.raises(SystemExit) as exit_info:
+        pa.main()
+    assert exit_info.value.code == exit_code
+    (summary_path,) = tmp_path.glob("*/summary.json")
+    summary = json.loads(summary_path.read_text())
+    assert summary["status"] == "interrupted" and summary["stopped_by"] == signal.Signals(signum).name
+    assert pa.load_checkpoint(summary["checkpoint"])["global_step"] == 64
+
+
+def diverge_at_iteration(monkeypatch, bad_iteration):
+    """From bad_iteration on, the update starts from NaN weights, so its loss is NaN."""
+    real_update, calls = pa.update_policy, []
+
+    def update(agent, *rest):
+        calls.append(1)
+        if len(calls) >= bad_iteration:
+            with torch.no_grad():
+                agent.critic.weight.fill_(float("nan"))
+        return real_update(agent, *rest)
+
+    monkeypatch.setattr(pa, "update_policy", update)
+
+
+def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    diverge_at_iteration(monkeypatch, 3)
+    saved = []
+    real_save = pa.save_checkpoint
+    monkeypatch.setattr(pa, "save_checkpoint", lambda path, *a: (real_save(path, *a), saved.append(path.read_bytes())))
+    with pytest.raises(pa.TrainingDiverged, match="the checkpoint of iteration 2 is kept"):
+        pa.train(tiny_args(tmp_path, total_timesteps=256, save_interval=1))
+    (checkpoint_path,) = (tmp_path / "runs").glob("*/checkpoint.pt")
+    assert checkpoint_path.read_bytes() == saved[-1] and len(saved) == 2  # nothing saved after the NaN
+    checkpoint = pa.load_checkpoint(str(checkpoint_path))
+    assert checkpoint["iteration"] == 2 and all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+    summary = json.loads((checkpoint_path.parent / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["iterations"] == 2
+
+
+def test_diverged_loss_without_a_checkpoint_says_so(tmp_path, monkeypatch):
+    diverge_at_iteration(monkeypatch, 1)
+    with pytest.raises(pa.TrainingDiverged, match="nothing saved"):
+        pa.train(tiny_args(tmp_path))
+    assert not list((tmp_path / "runs").glob("*/checkpoint.pt"))
+
+
+def test_resume_restores_everything_and_drops_the_logs_past_the_checkpoint(tmp_path, monkeypatch):
+    real_save, saved, rng_at_save, rng_at_restore = pa.save_checkpoint, {}, {}, []
+
+    def rng_now():
+        return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+
+    def save_and_keep_a_copy(path, *rest):
+        real_save(path, *rest)
+        saved[rest[-1]], rng_at_save[rest[-1]] = path.read_bytes(), rng_now()  # by iteration
+
+    monkeypatch.setattr(pa, "save_checkpoint", save_and_keep_a_copy)
+    first = pa.train(tiny_args(tmp_path / "a", total_timesteps=256, save_interval=1))
+    monkeypatch.undo()
+    real_set_rng_states = pa.set_rng_states
+    monkeypatch.setattr(
+        pa, "set_rng_states", lambda states: (real_set_rng_states(states), rng_at_restore.append(rng_now()))
+    )
+    # As after `kill -9` between the saves of iterations 2 and 3: the run folder holds the checkpoint of
+    # iteration 2 and the TensorBoard events of iterations 1-4. Resume it, and a copy of it elsewhere.
+    results = []
+    for folder in (Path(first["run_dir"]), tmp_path / "copy"):
+        folder.mkdir(exist_ok=True)
+        (folder / "checkpoint.pt").write_bytes(saved[2])
+        summary = pa.train(tiny_args(tmp_path, total_timesteps=256, resume=str(folder / "checkpoint.pt")))
+        results.append((summary, pa.load_checkpoint(summary["checkpoint"])))
+    (summary_a, checkpoint_a), (summary_b, checkpoint_b) = results
+    assert summary_a["global_step"] == 256 and summary_a["iterations"] == 4
+    # The same checkpoint resumed twice gives the same run: weights, optimizer, RNG states.
+    assert all(torch.equal(checkpoint_a["model"][k], checkpoint_b["model"][k]) for k in checkpoint_a["model"])
+    assert summary_a["mean_return"] == summary_b["mean_return"]
+    assert summary_a["eval_return_mean"] == summary_b["eval_return_mean"]
+    # ... because the python, numpy and torch random states are those of the moment of the save.
+    for torch_state, numpy_state, python_state in rng_at_restore:
+        assert torch.equal(torch_state, rng_at_save[2][0]) and (numpy_state == rng_at_save[2][1]).all()
+        assert python_state == rng_at_save[2][2]
+    assert len(rng_at_restore) == 2 and not torch.equal(rng_at_save[2][0], rng_at_save[4][0])
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(first["run_dir"])
+    events.Reload()
+    # Iterations 3 and 4 were logged twice (before the crash and after the resume); one copy remains.
+    assert [e.step for e in events.Scalars("losses/policy_loss")] == [64, 128, 192, 256]
+    # The learning-rate schedule goes on where it stopped.
+    assert [e.value for e in events.Scalars("charts/learning_rate")] == pytest.approx(
+        [2.5e-4, 1.875e-4, 1.25e-4, 0.625e-4]
+    )
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    summary = pa.train(tiny_args(tmp_path, total_timesteps=64))  # 4 envs
+    with pytest.raises(pa.ConfigError, match="--num-envs 8 differs from the checkpoint's 4"):
+        pa.train(tiny_args(tmp_path, total_timesteps=64, num_envs=8, num_steps=8, resume=summary["checkpoint"]))
+    # The issue's case: a budget and an env count that differ from the checkpoint's, refused in one line
+    # (it used to train nothing and report "completed").
+    result = run_cli("--total-timesteps", "4096", "--num-envs", "8", "--resume", summary["checkpoint"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: --total-timesteps 4096 differs from the checkpoint's 64: a resumed run keeps its settings"
+    ]
+
+
+def test_a_run_in_which_no_game_finished_completes(tmp_path, capsys):
+    # A Breakout game lasts hundreds of steps: none ends within 16 steps of 4 envs.
+    summary = pa.train(tiny_args(tmp_path, total_timesteps=64))
+    assert summary["status"] == "completed" and summary["episodes"] == 0 and summary["mean_return"] is None
+    assert math.isfinite(summary["eval_return_mean"])
+    assert json.loads((Path(summary["run_dir"]) / "summary.json").read_text()) == summary
+    assert "training return n/a (no episode finished)" in capsys.readouterr().out
 
 
 def test_track_with_wandb_offline(tmp_path):
@@ -543,11 +666,23 @@ def test_track_with_wandb_offline(tmp_path):
         ({"env_id": "ALE/NoSuchGame-v5"}, "unknown environment id"),
         ({"env_id": "Pendulum-v1"}, "not an Atari environment.*; for continuous actions use ppo_continuous.py"),
         ({"env_id": "CartPole-v1"}, r"not an Atari environment of ale-py \(e.g. BreakoutNoFrameskip-v4\)$"),
+        ({"learning_rate": -1.0}, "--learning-rate must be positive"),
+        ({"clip_coef": -0.1}, "--clip-coef must be positive"),
+        ({"max_grad_norm": 0.0}, "--max-grad-norm must be positive"),
+        ({"ent_coef": -1.0}, "--ent-coef and --vf-coef must not be negative"),
+        ({"vf_coef": -3.0}, "--ent-coef and --vf-coef must not be negative"),
+        ({"target_kl": -1.0}, "--target-kl must be positive"),
+        ({"seed": -1}, "--seed must lie in"),
+        ({"eval_episodes": 0}, "--eval-episodes must be at least 1"),
+        ({"torch_threads": -1}, "--torch-threads must be 0 or more"),
     ],
 )
-def test_bad_configuration_is_rejected(tmp_path, overrides, message):
+def test_bad_configuration_is_rejected(tmp_path, monkeypatch, overrides, message):
+    if "env_id" not in overrides:  # rejected before any env is built
+        monkeypatch.setattr(pa, "make_vector_env", lambda *a, **k: pytest.fail("an env was built"))
     with pytest.raises(pa.ConfigError, match=message):
         pa.train(tiny_args(tmp_path, **overrides))
+    assert not (tmp_path / "runs").exists()  # no empty run folder left behind
 
 
 def test_one_env_on_the_readable_path_is_accepted(tmp_path):
@@ -563,7 +698,7 @@ def test_checkpoint_of_another_env_or_script_is_rejected(tmp_path):
     foreign = tmp_path / "continuous.pt"
     torch.save({"script": "ppo_continuous", "env_id": "HalfCheetah-v4"}, foreign)
     with pytest.raises(pa.ConfigError, match="checkpoint of ppo_continuous, not of ppo_atari"):
-        pa.evaluate_checkpoint(tiny_args(tmp_path, eval_checkpoint=str(foreign)))
+        pa.evaluate_checkpoint(str(foreign), tiny_args(tmp_path))
 
 
 @pytest.mark.parametrize(
@@ -574,6 +709,12 @@ def test_checkpoint_of_another_env_or_script_is_rejected(tmp_path):
         (["--num-minibatches", "3"], {}, "does not divide into 3 minibatches"),
         (["--num-envs", "3", "--num-steps", "64"], {"WORLD_SIZE": "2", "RANK": "0"},
          "--num-envs 3 does not divide over the 2 torchrun processes"),
+        (["--eval-checkpoint", "/nonexistent.pt"], {}, "does not exist"),
+        (["--eval-checkpoint", "/nonexistent.pt", "--eval-episodes", "0"], {}, "--eval-episodes must be at least 1"),
+        (["--seed", "-1"], {}, "--seed must lie in [0, 2**32), got -1"),
+        (["--max-grad-norm", "0"], {}, "--max-grad-norm must be positive"),
+        (["--num-env", "3"], {}, "unrecognized argument --num-env (did you mean --num-envs?)"),
+        (["--runs-dir", "/etc/hostname/runs"], {}, "cannot create the run folder"),
     ],
 )  # fmt: skip
 def test_cli_bad_input_prints_one_error_line(flags, env, message):
@@ -582,6 +723,7 @@ def test_cli_bad_input_prints_one_error_line(flags, env, message):
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and message in lines[0], result.stderr
+    assert result.stderr.strip().splitlines()[-1] == lines[0]  # the last thing said
 
 
 def test_under_torchrun_only_rank_0_prints_a_bad_setting():
@@ -600,3 +742,45 @@ def test_missing_opencv_names_the_install_command():
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].endswith("pip install opencv-python-headless")
+
+
+def test_missing_opencv_is_found_on_the_eval_checkpoint_path_too(tmp_path):
+    summary = pa.train(tiny_args(tmp_path, env_backend="gymnasium", total_timesteps=64))
+    argv = ["ppo_atari.py", "--eval-checkpoint", summary["checkpoint"]]  # the backend comes from the checkpoint
+    hide = f"import sys; sys.modules['cv2'] = None; sys.argv = {argv!r}; "
+    result = subprocess.run(
+        [sys.executable, "-c", hide + "import ppo_atari; ppo_atari.main()"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("pip install opencv-python-headless")
+
+
+def test_track_without_a_wandb_key_is_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["NETRC"] = str(tmp_path / "no-netrc")  # no `wandb login` either
+    result = subprocess.run([sys.executable, SCRIPT, "--track"], capture_output=True, text=True, env=env, cwd=REPO)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --track needs a W&B API key")
+
+
+def test_track_without_a_connection_logs_offline_and_says_so(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_API_KEY="0" * 40, WANDB_BASE_URL="https://wandb.invalid")  # a key, but no server
+    flags = ["--total-timesteps", "64", "--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2", "--track",
+             "--eval-episodes", "1", "--runs-dir", str(tmp_path), "--no-cuda"]  # fmt: skip
+    start = time.time()
+    result = subprocess.run([sys.executable, SCRIPT, *flags], capture_output=True, text=True, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "W&B unreachable" in result.stdout and "logging offline" in result.stdout
+    assert list(tmp_path.glob("*/wandb/offline-run-*"))
+    assert time.time() - start < 60  # not wandb's 90-second wait for a server
+
+
+def test_help_documents_every_flag():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag in ("--env-id", "--env-backend", "--total-timesteps", "--num-envs", "--clip-coef", "--bf16", "--resume",
+                 "--eval-checkpoint"):  # fmt: skip
+        assert flag in result.stdout
+    assert "the surrogate clipping coefficient epsilon" in result.stdout
