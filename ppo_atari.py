@@ -17,7 +17,8 @@ Estimation (Schulman et al. 2015, arXiv:1506.02438) for the Atari 2600 games of 
 of DQN (Mnih et al. 2015, Nature 518) shared by actor and critic. Defaults: the usual Atari settings (8 envs,
 128-step rollouts, 4 epochs of 4 minibatches, clip 0.1); each Atari detail of "The 37 Implementation Details
 of PPO" (Huang et al., ICLR blog track 2022) is named in a comment. Read Args, ENVIRONMENT, NETWORK, ALGORITHM
-and train(): that is all of PPO. Below the PLUMBING banner: run folder, logs, checkpoints, evaluation, checks.
+and train(): that is all of PPO. Below the PLUMBING banner: run folder, logs, checkpoints, evaluation, checks,
+torchrun.
 
     python ppo_atari.py --env-id BreakoutNoFrameskip-v4 --total-timesteps 10000000   # train; --help for all flags
     python ppo_atari.py --eval-checkpoint runs/<run>/checkpoint.pt      # evaluate a saved model (full games)
@@ -31,9 +32,9 @@ shared CNN, pixels kept uint8 until the network divides by 255, many envs with s
 
 Two env paths, one semantics: `--env-backend ale_vector` (default, fast: ale-py's C++ preprocessing) and
 `--env-backend gymnasium` (readable: each Atari detail a short named wrapper). A game starts after 0-29 random
-no-op frames on the fast path and 1-30 on the readable one, then FIRE is pressed, as after every lost life. A
-lost life ends the learning episode (bootstrap value 0) but not the game; the return reported everywhere is
-the full game's unclipped score. NoFrameskip-v4 ids have no sticky actions; v5 ids keep theirs
+no-op frames on the fast path and 1-30 on the readable one; then, in games that have FIRE, FIRE is pressed for
+one step, as after every lost life. A lost life ends the learning episode (bootstrap value 0) but not the game;
+the return reported everywhere is the full game's unclipped score. NoFrameskip-v4 ids have no sticky actions; v5 ids keep theirs
 (repeat probability 0.25, Machado et al. 2018, arXiv:1709.06009); either way max-and-skip 4 replaces their
 frameskip.
 
