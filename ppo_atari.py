@@ -757,7 +757,7 @@ class Run:
         validate_args(args)
         self.checkpoint = load_checkpoint(args.resume, args.env_id) if args.resume else None
         if self.checkpoint is not None:
-            check_resume_settings(args, self.checkpoint["args"])
+            check_resume_settings(args, self.checkpoint)
         self.args = args
         self.rank, self.world_size = int(os.environ.get("RANK", "0")), world_size_from_env()
         self.is_main = self.rank == 0
@@ -806,6 +806,8 @@ class Run:
 
     def restore(self, agent, optimizer) -> int:
         """Register what a checkpoint holds; with --resume, load it. Returns the first iteration to run."""
+        self.start_time = self.last_print = time.time()  # SPS and wall time count training, not the setup
+        self.iteration_start = time.perf_counter()
         self.model = (agent, optimizer)
         broadcast_weights(agent)  # torchrun: every process starts from rank 0's initial weights
         if self.checkpoint is None:
@@ -1002,8 +1004,11 @@ RESUME_MAY_CHANGE = {
 }  # fmt: skip
 
 
-def check_resume_settings(args: Args, saved: dict) -> None:
+def check_resume_settings(args: Args, checkpoint: dict) -> None:
     """A resumed run keeps the settings it was started with; a flag that would change them is refused."""
+    if "rng" not in checkpoint:  # saved before random states were part of a checkpoint
+        raise ConfigError(f"{args.resume} is from an older version of {SCRIPT_NAME}: it can be evaluated, not resumed")
+    saved = checkpoint["args"]
     for name, value in asdict(args).items():
         if name not in RESUME_MAY_CHANGE and name in saved and saved[name] != value:
             flag = f"--{name.replace('_', '-')} {value}"

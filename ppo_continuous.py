@@ -510,7 +510,7 @@ class Run:
         validate_args(args)
         self.checkpoint = load_checkpoint(args.resume, args.env_id) if args.resume else None
         if self.checkpoint is not None:
-            check_resume_settings(args, self.checkpoint["args"])
+            check_resume_settings(args, self.checkpoint)
         self.args = args
         seed_everything(args.seed, args.torch_deterministic)
         self.device = select_device(args)
@@ -554,6 +554,8 @@ class Run:
 
     def restore(self, agent, optimizer, obs_normalizer, reward_scaler) -> int:
         """Register what a checkpoint holds; with --resume, load it. Returns the first iteration to run."""
+        self.start_time = self.last_print = time.time()  # SPS and wall time count training, not the setup
+        self.iteration_start = time.perf_counter()
         self.model = (agent, optimizer, obs_normalizer, reward_scaler)
         if self.checkpoint is None:
             return 1
@@ -684,8 +686,9 @@ class EpisodeAndTimeMonitor(gym.vector.VectorWrapper):
         obs, reward, terminated, truncated, info = self.env.step(actions)
         self.last_step_end = time.perf_counter()
         self.step_time += self.last_step_end - start
-        for i in np.flatnonzero(info.get("_episode", [])):
-            self.episodes.append((float(info["episode"]["r"][i]), int(info["episode"]["l"][i])))
+        if "_episode" in info:  # RecordEpisodeStatistics adds it on a step where an episode ended
+            for i in np.flatnonzero(info["_episode"]):
+                self.episodes.append((float(info["episode"]["r"][i]), int(info["episode"]["l"][i])))
         return obs, reward, terminated, truncated, info
 
     def pop(self) -> tuple[list[tuple[float, int]], float]:
@@ -751,8 +754,11 @@ RESUME_MAY_CHANGE = {
 }  # fmt: skip
 
 
-def check_resume_settings(args: Args, saved: dict) -> None:
+def check_resume_settings(args: Args, checkpoint: dict) -> None:
     """A resumed run keeps the settings it was started with; a flag that would change them is refused."""
+    if "rng" not in checkpoint:  # saved before random states were part of a checkpoint
+        raise ConfigError(f"{args.resume} is from an older version of {SCRIPT_NAME}: it can be evaluated, not resumed")
+    saved = checkpoint["args"]
     for name, value in asdict(args).items():
         if name not in RESUME_MAY_CHANGE and name in saved and saved[name] != value:
             flag = f"--{name.replace('_', '-')} {value}"

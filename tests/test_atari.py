@@ -659,6 +659,12 @@ def test_resume_refuses_other_settings(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: --total-timesteps 4096 differs from the checkpoint's 64: a resumed run keeps its settings"
     ]
+    # A checkpoint saved before random states were saved can be evaluated, not resumed: one line, no traceback.
+    old = torch.load(checkpoint, weights_only=True)
+    del old["rng"]
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(pa.ConfigError, match="is from an older version of ppo_atari: it can be evaluated, not resumed"):
+        pa.train(tiny_args(tmp_path, total_timesteps=64, resume=str(tmp_path / "old.pt")))
 
 
 def test_a_run_in_which_no_game_finished_completes(tmp_path, capsys):

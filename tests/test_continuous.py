@@ -571,6 +571,17 @@ def test_resume_refuses_other_settings(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "error: --num-steps 128 differs from the checkpoint's 256: a resumed run keeps its settings"
     )
+    # A checkpoint saved before random states were saved can be evaluated, not resumed: one line, no traceback.
+    old = torch.load(summary["checkpoint"], weights_only=True)
+    del old["rng"]
+    torch.save(old, tmp_path / "old.pt")
+    result = run_cli("--resume", str(tmp_path / "old.pt"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith("is from an older version of ppo_continuous: it can be evaluated, not resumed")
+    )
 
 
 def test_a_run_in_which_no_episode_finished_completes(tmp_path, capsys):
