@@ -585,12 +585,12 @@ class Run:
         self.inference_time += self.envs.last_step_end - self.iteration_start - env_seconds
         self.update_time += now - self.envs.last_step_end
         self.iteration_start = now
+        self.recent_returns.extend(episode_return for episode_return, _ in episodes)
+        self.episodes += len(episodes)
         step, write = self.global_step, self.writer.add_scalar
         for episode_return, episode_length in episodes:
             write("charts/episodic_return", episode_return, step)
             write("charts/episodic_length", episode_length, step)
-            self.recent_returns.append(episode_return)
-            self.episodes += 1
         sps = (step - self.start_step) / (time.time() - self.start_time)
         write("charts/learning_rate", stats["learning_rate"], step)
         write("charts/SPS", sps, step)
