@@ -539,20 +539,21 @@ def collect_rollout(envs, agent: Agent, next_obs: torch.Tensor, num_steps: int):
     unavoidable ones: observation in, action out.
     """
     device = next(agent.parameters()).device
-    num_envs = next_obs.shape[0]
-    obs = torch.zeros((num_steps, *next_obs.shape), dtype=torch.uint8, device=device)
-    rewards, terminations, episode_ends = (np.zeros((num_steps, num_envs), np.float32) for _ in range(3))
-    actions = torch.zeros((num_steps, num_envs), dtype=torch.int64, device=device)
-    logprobs, values, next_values = (torch.zeros((num_steps, num_envs), device=device) for _ in range(3))
+    obs, actions, logprobs, values, rewards, terminations, episode_ends = ([] for _ in range(7))  # one entry per step
+    next_values = torch.zeros((num_steps, next_obs.shape[0]), device=device)  # filled only where truncated
     for step in range(num_steps):
-        obs[step] = next_obs
+        obs.append(next_obs)
         with torch.inference_mode():
             action, logprob, _, value = agent.get_action_and_value(next_obs)
-        actions[step], logprobs[step], values[step] = action, logprob, value
+        actions.append(action)
+        logprobs.append(logprob)
+        values.append(value)
         raw_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
         ended = terminated | truncated  # terminated includes a lost life
-        rewards[step], terminations[step], episode_ends[step] = reward, terminated, ended
-        next_obs = torch.as_tensor(raw_obs, device=device)
+        rewards.append(reward)
+        terminations.append(terminated)
+        episode_ends.append(ended)
+        next_obs = torch.tensor(raw_obs, device=device)  # a copy: the rollout keeps it, an env may reuse its array
         if truncated.any():
             # SAME_STEP autoreset: raw_obs already belongs to what comes next (a new game, or the
             # same game after a lost life); the observation the episode really ended on is
@@ -564,15 +565,16 @@ def collect_rollout(envs, agent: Agent, next_obs: torch.Tensor, num_steps: int):
                 final_values = agent.get_value(final_obs)
             next_values[step, torch.as_tensor(np.flatnonzero(truncated), device=device)] = final_values
 
-    to_device = lambda array: torch.as_tensor(array, device=device)  # noqa: E731
-    episode_ends_t = to_device(episode_ends)
+    to_device = lambda arrays: torch.as_tensor(np.stack(arrays), dtype=torch.float32, device=device)  # noqa: E731
+    values, episode_ends = torch.stack(values), to_device(episode_ends)
     # next_values[t] = V(s_{t+1}) = values[t + 1] inside an episode; V(s_T) after the last step.
     with torch.inference_mode():
         last_value = agent.get_value(next_obs)
     shifted = torch.cat([values[1:], last_value.unsqueeze(0)])
-    next_values = torch.where(episode_ends_t == 0, shifted, next_values)
+    next_values = torch.where(episode_ends == 0, shifted, next_values)
     rollout = Rollout(
-        obs, actions, logprobs, values, to_device(rewards), next_values, to_device(terminations), episode_ends_t,
+        torch.stack(obs), torch.stack(actions), torch.stack(logprobs), values, to_device(rewards), next_values,
+        to_device(terminations), episode_ends,
     )  # fmt: skip
     return rollout, next_obs
 
@@ -594,12 +596,13 @@ def compute_gae(rewards, values, next_values, terminations, episode_ends, gamma:
 
     Returns (advantages, returns) with returns = advantages + values, the critic's TD(lambda) target.
     """
-    num_steps = rewards.shape[0]
+    # The TD errors of all steps at once; only the recursion over t has to run step by step.
+    deltas = rewards + gamma * (1.0 - terminations) * next_values - values  # (T, N)
+    discounts = gamma * gae_lambda * (1.0 - episode_ends)  # (T, N), 0 where the episode ended at t
     advantages = torch.zeros_like(rewards)
     advantage = torch.zeros_like(rewards[0])  # A_{t+1}, carried backwards through time; (N,)
-    for t in reversed(range(num_steps)):
-        delta = rewards[t] + gamma * (1.0 - terminations[t]) * next_values[t] - values[t]
-        advantage = delta + gamma * gae_lambda * (1.0 - episode_ends[t]) * advantage
+    for t in reversed(range(rewards.shape[0])):
+        advantage = deltas[t] + discounts[t] * advantage
         advantages[t] = advantage
     return advantages, advantages + values
 
