@@ -257,6 +257,23 @@ def test_both_paths_agree_on_a_whole_game():
 # ROLLOUT
 
 
+def test_the_rollout_keeps_each_observation_even_if_the_env_reuses_its_array():
+    class ReusingEnvs:  # writes every step's frames into the same array, as some vector envs do
+        def __init__(self):
+            self.frames, self.t = np.zeros((2, 4, 84, 84), np.uint8), 0
+
+        def step(self, actions):
+            self.t += 1
+            self.frames[:] = self.t
+            no = np.zeros(2, bool)
+            return self.frames, np.zeros(2, np.float32), no, no, {}
+
+    envs = ReusingEnvs()
+    rollout, next_obs = pa.collect_rollout(envs, pa.Agent(4), torch.as_tensor(envs.frames.copy()), 5)
+    assert [int(rollout.obs[t].float().mean()) for t in range(5)] == [0, 1, 2, 3, 4]
+    assert int(next_obs.float().mean()) == 5
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_phantom_transition_reaches_the_rollout(backend):
     torch.manual_seed(0)
