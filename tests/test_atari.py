@@ -370,6 +370,19 @@ def test_channels_last_and_bf16_compute_the_same_function():
     assert not torch.equal(lp_bf16, lp_plain)  # bfloat16 was really used
 
 
+@pytest.mark.parametrize(
+    ("gpu", "avx512_bf16", "amx", "expected"),
+    [(False, True, False, True), (False, False, True, True), (False, False, False, False), (True, True, True, False)],
+)
+def test_bf16_is_the_default_only_on_a_cpu_with_native_bfloat16(monkeypatch, gpu, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert pa.Args().bf16 is expected
+    assert pa.Args(bf16=not expected).bf16 is (not expected)  # --bf16 / --no-bf16 still decide
+    assert pa.parse_args(["--no-bf16" if expected else "--bf16"]).bf16 is (not expected)
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_ratio_is_one_on_the_first_minibatch(tmp_path, monkeypatch, bf16):
     """Rollout and update compute log pi_old alike (under --bf16 the same autocast): ratio 1."""
