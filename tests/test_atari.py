@@ -371,13 +371,17 @@ def test_channels_last_and_bf16_compute_the_same_function():
 
 
 @pytest.mark.parametrize(
-    ("gpu", "avx512_bf16", "amx", "expected"),
-    [(False, True, False, True), (False, False, True, True), (False, False, False, False), (True, True, True, False)],
-)
-def test_bf16_is_the_default_only_on_a_cpu_with_native_bfloat16(monkeypatch, gpu, avx512_bf16, amx, expected):
+    ("gpu", "flags", "expected"),
+    [(False, "fpu avx512f avx512_bf16", True), (False, "fpu amx_bf16 amx_tile", True), (False, "fpu avx512f avx2", False),
+     (True, "avx512_bf16 amx_bf16", False)],
+)  # fmt: skip
+def test_bf16_is_the_default_only_on_a_cpu_with_native_bfloat16(tmp_path, monkeypatch, gpu, flags, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert pa.cpu_has_native_bf16(cpuinfo) is expected
+    assert pa.cpu_has_native_bf16(tmp_path / "missing") is False  # not Linux: off
+    monkeypatch.setattr(pa, "cpu_has_native_bf16", lambda: expected)  # what Args' default asks
     assert pa.Args().bf16 is expected
     assert pa.Args(bf16=not expected).bf16 is (not expected)  # --bf16 / --no-bf16 still decide
     assert pa.parse_args(["--no-bf16" if expected else "--bf16"]).bf16 is (not expected)
