@@ -1,7 +1,7 @@
 """Learning curves of several ppo_atari.py runs side by side (e.g. float32 vs bfloat16, same seed).
 
 Reads `charts/episodic_return` (full-game, unclipped score) from each run's TensorBoard events,
-also of runs still in progress, and writes `<out>/curves.csv`, `<out>/curves.png` (moving average
+also of runs still in progress, or from the `curves.csv` that run_benchmark.py wrote for a run, and writes `<out>/curves.csv`, `<out>/curves.png` (moving average
 of 50 games) and `<out>/table.md`: the mean score of the games that ended in each window of steps.
 
     python benchmarks/atari_compare_curves.py --out benchmarks/results/atari_breakout_2m \
@@ -18,6 +18,14 @@ from pathlib import Path
 from run_benchmark import read_episodic_returns  # the script's own folder is on sys.path
 
 
+def read_curve(path: Path) -> list[tuple[int, float]]:
+    """(step, score) of each finished game: from a run folder, or from run_benchmark.py's curves.csv (one run)."""
+    if path.is_dir():
+        return read_episodic_returns(path)
+    with open(path, newline="") as f:
+        return [(int(row["global_step"]), float(row["episodic_return"])) for row in csv.DictReader(f)]
+
+
 def window_means(curve, window: int, last_step: int) -> list[float | None]:
     means = []
     for start in range(0, last_step, window):
@@ -28,14 +36,14 @@ def window_means(curve, window: int, last_step: int) -> list[float | None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", nargs="+", required=True, help="label=run_dir ...")
+    parser.add_argument("--runs", nargs="+", required=True, help="label=run_dir or label=curves.csv ...")
     parser.add_argument("--window", type=int, default=250_000, help="steps per table row")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     curves = {}
     for item in args.runs:
         label, run_dir = item.split("=", 1)
-        curves[label] = read_episodic_returns(Path(run_dir))
+        curves[label] = read_curve(Path(run_dir))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "curves.csv", "w", newline="") as f:
