@@ -26,9 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_reference import machine  # noqa: E402
-
-AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+from compare_reference import AVX2_ONLY, machine  # noqa: E402
 
 CHILD = """
 import json, statistics, sys, time

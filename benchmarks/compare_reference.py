@@ -29,6 +29,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Caps oneDNN, MKL and torch's own kernels at AVX2: a CPU without AVX-512, AMX or native bfloat16, emulated.
+AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
 def machine() -> dict:
     """The CPU model and the instruction-set features that decide float32 / bfloat16 kernel speed."""
     info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
@@ -52,11 +56,11 @@ def last_sps(run_root: Path) -> float:
     return float(events.Scalars("charts/SPS")[-1].value)
 
 
-def run_once(python: str, script: str, flags: list[str], workdir: Path) -> float:
+def run_once(python: str, script: str, flags: list[str], workdir: Path, env: dict) -> float:
     """One training run in a fresh process, in its own working directory; returns its SPS."""
     workdir.mkdir(parents=True)
     command = [python, str(Path(script).resolve()), *flags]
-    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         sys.exit(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
     return last_sps(workdir)
@@ -73,6 +77,11 @@ def main() -> None:
     parser.add_argument("--ours-flags", default="", help="extra flags for our script, e.g. '--bf16'")
     parser.add_argument("--reference-flags", default="", help="extra flags for the reference script")
     parser.add_argument("--cuda", action="store_true", help="let both use the GPU (default: --no-cuda for both)")
+    parser.add_argument(
+        "--avx2-only", action="store_true",
+        help="cap both sides' kernels at AVX2 (a CPU without AVX-512 / native bfloat16, emulated); our "
+        "bfloat16 default reads the real CPU flags, so give ppo_atari.py --ours-flags=--no-bf16 with it",
+    )  # fmt: skip
     parser.add_argument("--out", help="folder for results.json")
     args = parser.parse_args()
     if args.repeat < 2:
@@ -82,6 +91,7 @@ def main() -> None:
     common += [] if args.cuda else ["--no-cuda"]
     ours = [*common, "--eval-episodes", "1", *args.ours_flags.split()]
     reference = [*common, *args.reference_flags.split()]
+    env = {**os.environ, **(AVX2_ONLY if args.avx2_only else {})}
     before = os.getloadavg()
     runs = {"ours": [], "reference": []}
     with tempfile.TemporaryDirectory() as scratch:
@@ -90,13 +100,14 @@ def main() -> None:
                 ("ours", sys.executable, REPO / args.ours, [*ours, "--runs-dir", "runs"]),
                 ("reference", args.reference_python, args.reference, reference),
             ):
-                sps = run_once(python, str(script), flags, Path(scratch) / f"{i}_{side}")
+                sps = run_once(python, str(script), flags, Path(scratch) / f"{i}_{side}", env)
                 runs[side].append(sps)
                 print(f"run {i + 1} {side:>9}: {sps:7.0f} SPS", flush=True)
     medians = {side: statistics.median(values) for side, values in runs.items()}
     result = {
         "env_id": args.env_id, "total_timesteps": args.total_timesteps, "ours": args.ours,
         "reference": Path(args.reference).name, "ours_flags": args.ours_flags, "reference_flags": args.reference_flags,
+        "kernels": "AVX2 only (emulated)" if args.avx2_only else "native",
         "sps": runs, "median_sps": medians, "ratio": medians["ours"] / medians["reference"], "machine": machine(),
         "load_average_before": before, "load_average_after": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M"),
     }  # fmt: skip
@@ -104,7 +115,7 @@ def main() -> None:
     print(f"median: ours {medians['ours']:.0f} SPS, reference {medians['reference']:.0f} SPS: {result['ratio']:.2f}x")
     after = result["load_average_after"]
     print(f"machine: {m['cpu']}, {m['cores']} cores, AVX-512 {m.get('avx512')}, AMX {m.get('amx')}, "
-          f"bf16 {m.get('avx512_bf16')}; load average before {before[0]:.2f}, after {after[0]:.2f}")  # fmt: skip
+          f"bf16 {m.get('avx512_bf16')}; kernels {result['kernels']}; load average before {before[0]:.2f}, after {after[0]:.2f}")  # fmt: skip
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "results.json").write_text(json.dumps(result, indent=2))
