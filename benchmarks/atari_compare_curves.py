@@ -1,8 +1,9 @@
 """Learning curves of several ppo_atari.py runs side by side (e.g. float32 vs bfloat16, same seed).
 
 Reads `charts/episodic_return` (full-game, unclipped score) from each run's TensorBoard events,
-also of runs still in progress, or from the `curves.csv` that run_benchmark.py wrote for a run, and writes `<out>/curves.csv`, `<out>/curves.png` (moving average
-of 50 games) and `<out>/table.md`: the mean score of the games that ended in each window of steps.
+also of runs still in progress, or from the `curves.csv` that run_benchmark.py wrote for a run, and
+writes `<out>/curves.csv`, `<out>/curves.png` (moving average of 50 games) and `<out>/table.md`: the
+mean score of the games that ended in each window of steps.
 
     python benchmarks/atari_compare_curves.py --out benchmarks/results/atari_breakout_2m \
         --runs fp32=benchmarks/results/atari_breakout_2m/runs/<run> \

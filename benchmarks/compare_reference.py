@@ -11,6 +11,10 @@ with, e.g. CleanRL's `cleanrl/ppo_continuous_action.py` in a scratch venv.
     python benchmarks/compare_reference.py --ours ppo_continuous.py \
         --reference /tmp/ref/ppo_continuous_action.py --reference-python /tmp/ref-venv/bin/python \
         --env-id Hopper-v4 --total-timesteps 20480 --repeat 2 --out benchmarks/results/compare_continuous
+
+`--avx2-only` caps both sides' oneDNN, MKL and torch kernels at AVX2: a CPU without AVX-512, AMX or
+native bfloat16, emulated on this one (give ppo_atari.py `--ours-flags=--no-bf16` with it, the default it
+would have there).
 """
 
 from __future__ import annotations
@@ -115,7 +119,8 @@ def main() -> None:
     print(f"median: ours {medians['ours']:.0f} SPS, reference {medians['reference']:.0f} SPS: {result['ratio']:.2f}x")
     after = result["load_average_after"]
     print(f"machine: {m['cpu']}, {m['cores']} cores, AVX-512 {m.get('avx512')}, AMX {m.get('amx')}, "
-          f"bf16 {m.get('avx512_bf16')}; kernels {result['kernels']}; load average before {before[0]:.2f}, after {after[0]:.2f}")  # fmt: skip
+          f"bf16 {m.get('avx512_bf16')}; kernels {result['kernels']}; "
+          f"load average before {before[0]:.2f}, after {after[0]:.2f}")  # fmt: skip
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "results.json").write_text(json.dumps(result, indent=2))
