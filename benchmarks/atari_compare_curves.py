@@ -24,7 +24,11 @@ def read_curve(path: Path) -> list[tuple[int, float]]:
     if path.is_dir():
         return read_episodic_returns(path)
     with open(path, newline="") as f:
-        return [(int(row["global_step"]), float(row["episodic_return"])) for row in csv.DictReader(f)]
+        rows = list(csv.DictReader(f))
+    runs = {(row["env_id"], row["seed"]) for row in rows}
+    if len(runs) > 1:  # the curves of several runs would mix into one
+        raise SystemExit(f"error: {path} holds {len(runs)} runs ({sorted(runs)}); give a run folder instead")
+    return [(int(row["global_step"]), float(row["episodic_return"])) for row in rows]
 
 
 def window_means(curve, window: int, last_step: int) -> list[float | None]:
