@@ -156,12 +156,12 @@ def make_vector_env(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
 
     SAME_STEP autoreset: when an episode ends, step() already returns the reset observation and puts
     the true last observation into info["final_obs"], so every step of the rollout is a real
-    transition. RecordEpisodeStatistics reports the raw (unscaled) return of each finished episode.
+    transition. The raw (unscaled) return of each finished episode is recorded by the run's monitor
+    (EpisodeAndTimeMonitor, below the banner).
     """
-    envs = gym.vector.SyncVectorEnv(
+    return gym.vector.SyncVectorEnv(
         [lambda: gym.make(env_id) for _ in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
     )
-    return gym.wrappers.vector.RecordEpisodeStatistics(envs)
 
 
 class RunningMeanStd:
@@ -262,22 +262,23 @@ class Agent(nn.Module):
         """obs: (B, obs_dim) -> V(obs): (B,)"""
         return self.critic(obs).squeeze(-1)
 
-    def get_action_and_value(self, obs: torch.Tensor, action: torch.Tensor | None = None):
-        """obs: (B, obs_dim); action: (B, action_dim) or None to sample one.
+    def get_action(self, obs: torch.Tensor) -> torch.Tensor:
+        """obs: (B, obs_dim) -> a sample a ~ N(mean(obs), std): (B, action_dim). The rollout's per-step call."""
+        mean = self.actor_mean(obs)
+        return mean + self.actor_logstd.exp() * torch.randn_like(mean)
 
-        Returns action (B, action_dim), log pi(action|obs) (B,), entropy (B,), V(obs) (B,).
+    def get_logprob_entropy_value(self, obs: torch.Tensor, action: torch.Tensor):
+        """obs: (B, obs_dim), action: (B, action_dim) -> log pi(action|obs) (B,), entropy (B,), V(obs) (B,).
+
         The log-prob and entropy of the diagonal Gaussian are sums over action dimensions.
         """
         mean = self.actor_mean(obs)
         log_std = self.actor_logstd.expand_as(mean)
-        std = log_std.exp()
-        if action is None:
-            action = mean + std * torch.randn_like(mean)
-        # log N(a; mean, std) and the Gaussian entropy, per dimension, summed over dimensions.
-        # (Written out rather than via torch.distributions.Normal: same numbers, ~1.4x faster per step.)
-        logprob = (-0.5 * ((action - mean) / std) ** 2 - log_std - LOG_SQRT_2PI).sum(-1)
+        # log N(a; mean, std) and the Gaussian entropy, per dimension, summed over dimensions. (Written out
+        # rather than via torch.distributions.Normal: the same numbers, without a distribution object per call.)
+        logprob = (-0.5 * ((action - mean) / log_std.exp()) ** 2 - log_std - LOG_SQRT_2PI).sum(-1)
         entropy = (0.5 + LOG_SQRT_2PI + log_std).sum(-1)
-        return action, logprob, entropy, self.get_value(obs)
+        return logprob, entropy, self.get_value(obs)
 
 
 # ALGORITHM
@@ -297,25 +298,26 @@ class Rollout:
     episode_ends: torch.Tensor  # (T, N) 1.0 where the episode ended at t (terminated or truncated)
 
 
+@torch.no_grad()  # collecting data needs no gradients
 def collect_rollout(envs, agent: Agent, obs_normalizer, reward_scaler, next_obs: np.ndarray, num_steps: int):
     """Run the policy for num_steps steps in every env; returns (rollout, the next rollout's first obs).
 
-    next_obs: (N, obs_dim) normalized observation to start from. What the env produces (observations,
-    rewards, done flags) stays in numpy until the rollout ends and crosses to the device once; what
-    the policy produces stays on the device. The only per-step transfers are the unavoidable ones:
+    next_obs: (N, obs_dim) normalized observation to start from. Each step only samples an action. The
+    log-probs log pi_old(a_t | s_t) and values V(s_t) that PPO needs are computed after the last step, for
+    all T * N transitions in one batched pass: the weights do not change during the rollout, so these are
+    the numbers a step-by-step computation gives (up to float rounding), at a fraction of the cost (at
+    batch 1 a forward pass costs its fixed overhead, not its arithmetic). What the env produces stays in
+    numpy until the rollout ends and crosses to the device once: the only per-step transfers are
     observation in, action out.
     """
     device = next(agent.parameters()).device
     action_space = envs.single_action_space
-    obs, actions, logprobs, values, rewards, terminations, episode_ends = ([] for _ in range(7))  # one entry per step
+    obs, actions, rewards, terminations, episode_ends = ([] for _ in range(5))  # one entry per step
     next_values = torch.zeros((num_steps, envs.num_envs), device=device)  # filled only where an episode ended
     for step in range(num_steps):
         obs.append(next_obs)
-        with torch.inference_mode():
-            action, logprob, _, value = agent.get_action_and_value(torch.as_tensor(next_obs, device=device))
+        action = agent.get_action(torch.as_tensor(next_obs, device=device))
         actions.append(action)
-        logprobs.append(logprob)
-        values.append(value)
         # The buffer keeps the raw Gaussian sample (its log-prob is the one we train on); the env gets it
         # clipped to the action bounds (detail "continuous actions via normal distributions", clipping).
         env_action = np.clip(action.cpu().numpy(), action_space.low, action_space.high)
@@ -329,22 +331,21 @@ def collect_rollout(envs, agent: Agent, obs_normalizer, reward_scaler, next_obs:
             # SAME_STEP autoreset: raw_obs already belongs to the next episode; the observation the ended
             # episode really reached is info["final_obs"]. Its value is the bootstrap on truncation
             # (compute_gae multiplies it by 0 on termination).
-            final_obs = obs_normalizer(np.stack(info["final_obs"][ended]), update=False)
-            with torch.inference_mode():
-                final_values = agent.get_value(torch.as_tensor(final_obs, device=device))
-            next_values[step, torch.as_tensor(ended, device=device)] = final_values
+            final_obs = torch.as_tensor(obs_normalizer(np.stack(info["final_obs"][ended]), update=False), device=device)
+            next_values[step, torch.as_tensor(ended, device=device)] = agent.get_value(final_obs)
 
     to_device = lambda arrays: torch.as_tensor(np.stack(arrays), dtype=torch.float32, device=device)  # noqa: E731
-    values, episode_ends = torch.stack(values), to_device(episode_ends)
+    obs, actions, episode_ends = to_device(obs), torch.stack(actions), to_device(episode_ends)  # (T, N, ...)
+    # log pi_old(a_t | s_t) and V(s_t) of all T * N transitions in one pass.
+    logprobs, _, values = agent.get_logprob_entropy_value(obs.flatten(0, 1), actions.flatten(0, 1))
+    logprobs, values = logprobs.view(num_steps, -1), values.view(num_steps, -1)  # (T, N)
     # next_values[t] = V(s_{t+1}) = values[t + 1] inside an episode; V(s_T) after the last step.
-    with torch.inference_mode():
-        last_value = agent.get_value(torch.as_tensor(next_obs, device=device))
+    last_value = agent.get_value(torch.as_tensor(next_obs, device=device))
     shifted = torch.cat([values[1:], last_value.unsqueeze(0)])
     next_values = torch.where(episode_ends == 0, shifted, next_values)
     rollout = Rollout(
-        to_device(obs), torch.stack(actions), torch.stack(logprobs), values, to_device(rewards), next_values,
-        to_device(terminations), episode_ends,
-    )  # fmt: skip
+        obs, actions, logprobs, values, to_device(rewards), next_values, to_device(terminations), episode_ends
+    )
     return rollout, next_obs
 
 
@@ -433,7 +434,7 @@ def update_policy(agent: Agent, optimizer, rollout: Rollout, advantages, returns
         permutation = torch.randperm(args.batch_size, device=b_obs.device)
         for start in range(0, args.batch_size, args.minibatch_size):
             mb = permutation[start : start + args.minibatch_size]
-            _, new_logprobs, entropy, new_values = agent.get_action_and_value(b_obs[mb], b_actions[mb])
+            new_logprobs, entropy, new_values = agent.get_logprob_entropy_value(b_obs[mb], b_actions[mb])
             loss, stats = ppo_loss(
                 new_logprobs, b_logprobs[mb], entropy, new_values, b_values[mb], b_advantages[mb], b_returns[mb], args
             )
@@ -686,15 +687,22 @@ class EpisodeAndTimeMonitor(gym.vector.VectorWrapper):
     def __init__(self, env: gym.vector.VectorEnv):
         super().__init__(env)
         self.episodes, self.step_time, self.last_step_end = [], 0.0, time.perf_counter()
+        self.returns, self.lengths = np.zeros(self.num_envs), np.zeros(self.num_envs, np.int64)
+
+    def reset(self, **kwargs):
+        self.returns[:], self.lengths[:] = 0.0, 0
+        return self.env.reset(**kwargs)
 
     def step(self, actions):
         start = time.perf_counter()
         obs, reward, terminated, truncated, info = self.env.step(actions)
         self.last_step_end = time.perf_counter()
         self.step_time += self.last_step_end - start
-        if "_episode" in info:  # RecordEpisodeStatistics adds it on a step where an episode ended
-            for i in np.flatnonzero(info["_episode"]):
-                self.episodes.append((float(info["episode"]["r"][i]), int(info["episode"]["l"][i])))
+        self.returns += reward  # the env's own reward: the return is reported unscaled
+        self.lengths += 1
+        for i in np.flatnonzero(terminated | truncated):
+            self.episodes.append((float(self.returns[i]), int(self.lengths[i])))
+            self.returns[i], self.lengths[i] = 0.0, 0
         return obs, reward, terminated, truncated, info
 
     def pop(self) -> tuple[list[tuple[float, int]], float]:
@@ -834,7 +842,7 @@ def evaluate(agent, obs_normalizer, env_id: str, episodes: int, seed: int, stoch
         while not done:
             obs = torch.as_tensor(obs_normalizer(raw_obs[None], update=False), device=device)
             with torch.inference_mode():
-                action = agent.get_action_and_value(obs)[0] if stochastic else agent.actor_mean(obs)
+                action = agent.get_action(obs) if stochastic else agent.actor_mean(obs)
             raw_obs, reward, terminated, truncated, _ = env.step(np.clip(action[0].cpu().numpy(), low, high))
             episode_return += float(reward)
             done = terminated or truncated

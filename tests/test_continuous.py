@@ -276,7 +276,8 @@ def test_gaussian_log_prob_and_entropy_match_torch_distributions():
     with torch.no_grad():
         agent.actor_logstd.copy_(torch.tensor([[-0.5, 0.0, 0.7]]))
     obs = torch.randn(8, 5)
-    action, logprob, entropy, value = agent.get_action_and_value(obs)
+    action = agent.get_action(obs)
+    logprob, entropy, value = agent.get_logprob_entropy_value(obs, action)
     dist = torch.distributions.Normal(agent.actor_mean(obs), agent.actor_logstd.exp())
     torch.testing.assert_close(logprob, dist.log_prob(action).sum(-1))
     torch.testing.assert_close(entropy, dist.entropy().sum(-1))
@@ -293,6 +294,23 @@ def test_initialization_follows_the_ppo_details():
     assert agent.actor_logstd.abs().max() == 0  # std starts at 1
 
 
+def test_rollout_logprobs_and_values_are_those_of_the_acting_policy():
+    """The rollout samples each action step by step and computes log pi_old and V after the last step, in one
+    batched pass: the actions are the policy's own samples, and the batched numbers equal step-by-step ones."""
+    agent = pc.Agent(4, 1)
+    torch.manual_seed(3)
+    rollout, _, _ = collect("InvertedPendulum-v4", 2, 64, agent=agent)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for t in range(64):  # the rollout draws nothing else from torch's generator: the same samples again
+            assert torch.equal(agent.get_action(rollout.obs[t]), rollout.actions[t])
+            logprobs, _, values = agent.get_logprob_entropy_value(rollout.obs[t], rollout.actions[t])
+            torch.testing.assert_close(logprobs, rollout.logprobs[t], atol=1e-5, rtol=0)
+            torch.testing.assert_close(values, rollout.values[t], atol=1e-5, rtol=0)
+    assert rollout.logprobs.shape == rollout.values.shape == (64, 2)
+    assert not rollout.logprobs.requires_grad and not rollout.values.requires_grad
+
+
 def test_ratio_is_one_on_the_first_minibatch():
     """The log-probs recomputed at the start of an update equal those stored during the rollout."""
     torch.manual_seed(0)
@@ -304,7 +322,7 @@ def test_ratio_is_one_on_the_first_minibatch():
     )  # fmt: skip
     first = torch.randperm(args.batch_size)[: args.minibatch_size]
     b_obs, b_actions = rollout.obs.reshape(-1, 4)[first], rollout.actions.reshape(-1, 1)[first]
-    _, new_logprobs, entropy, new_values = agent.get_action_and_value(b_obs, b_actions)
+    new_logprobs, entropy, new_values = agent.get_logprob_entropy_value(b_obs, b_actions)
     old_logprobs = rollout.logprobs.reshape(-1)[first]
     torch.testing.assert_close(new_logprobs, old_logprobs, atol=1e-5, rtol=0)
     _, stats = pc.ppo_loss(
