@@ -51,6 +51,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 import gymnasium as gym
@@ -89,8 +90,16 @@ class Args:
     """the number of passes over the rollout per update"""
     norm_adv: bool = True
     """normalize the advantages within each minibatch"""
+    policy_objective: Literal["clip", "kl-penalty", "none"] = "clip"
+    """the policy surrogate: clip (L^CLIP, eq. 7), kl-penalty (L^KLPEN, eq. 8) or none (L^CPI, eq. 6) of the paper"""
     clip_coef: float = 0.2
-    """the surrogate clipping coefficient epsilon"""
+    """the surrogate clipping coefficient epsilon (also the trust region the ratio statistics are measured against)"""
+    kl_coef: float = 1.0
+    """kl-penalty: the coefficient beta of the KL penalty (with --adaptive-kl, its starting value)"""
+    adaptive_kl: bool = False
+    """kl-penalty: after each update halve beta if the KL fell below kl_target / 1.5, double it above 1.5 kl_target"""
+    kl_target: float = 0.01
+    """kl-penalty with --adaptive-kl: the target KL d_targ of the adaptive rule"""
     clip_vloss: bool = True
     """clip the value loss around the old value predictions, as the policy loss is clipped"""
     ent_coef: float = 0.0
@@ -101,6 +110,12 @@ class Args:
     """the maximum global norm of the gradients (clipped above it)"""
     target_kl: float | None = None
     """stop the update epochs early once the approximate KL exceeds this (None: never)"""
+    norm_obs: bool = True
+    """normalize observations by a running mean and std and clip them to [-10, 10]"""
+    norm_reward: bool = True
+    """scale rewards by the running std of the discounted return and clip them to [-10, 10]"""
+    ortho_init: bool = True
+    """orthogonal initialization of the weights (otherwise PyTorch's default initialization)"""
 
     # The run: seeding, device, logging, checkpoints, evaluation
     seed: int = 1
@@ -191,15 +206,17 @@ class ObservationNormalizer:
 
     The statistics are part of the model: they are saved in the checkpoint and evaluation uses them
     frozen (update=False). A policy fed unnormalized or re-normalized observations is a different,
-    worse policy.
+    worse policy. With enabled=False (--no-norm-obs) it passes the raw observations through.
     """
 
-    def __init__(self, obs_shape: tuple[int, ...], clip: float = 10.0, epsilon: float = 1e-8):
+    def __init__(self, obs_shape: tuple[int, ...], clip: float = 10.0, epsilon: float = 1e-8, enabled: bool = True):
         self.rms = RunningMeanStd(obs_shape)
-        self.clip, self.epsilon = clip, epsilon
+        self.clip, self.epsilon, self.enabled = clip, epsilon, enabled
 
     def __call__(self, obs: np.ndarray, update: bool = True) -> np.ndarray:
         """obs: (num_envs, *obs_shape) raw observations -> normalized float32 of the same shape."""
+        if not self.enabled:
+            return obs.astype(np.float32)
         if update:
             self.rms.update(obs)
         normalized = (obs - self.rms.mean) / np.sqrt(self.rms.var + self.epsilon)
@@ -210,16 +227,19 @@ class RewardScaler:
     """Divide rewards by the std of the discounted return, clip to [-10, 10] (as in PPO2's VecNormalize).
 
     The mean is not subtracted: shifting rewards would change which policy is optimal.
-    One running std is shared by all envs; each env keeps its own discounted return.
+    One running std is shared by all envs; each env keeps its own discounted return. With enabled=False
+    (--no-norm-reward) the env's rewards pass through, unscaled and unclipped.
     """
 
-    def __init__(self, num_envs: int, gamma: float, clip: float = 10.0, epsilon: float = 1e-8):
+    def __init__(self, num_envs: int, gamma: float, clip: float = 10.0, epsilon: float = 1e-8, enabled: bool = True):
         self.rms = RunningMeanStd(())
         self.discounted_return = np.zeros(num_envs, np.float64)
-        self.gamma, self.clip, self.epsilon = gamma, clip, epsilon
+        self.gamma, self.clip, self.epsilon, self.enabled = gamma, clip, epsilon, enabled
 
     def __call__(self, rewards: np.ndarray, episode_ends: np.ndarray) -> np.ndarray:
         """rewards, episode_ends: (num_envs,) -> scaled rewards (num_envs,) float32."""
+        if not self.enabled:
+            return rewards.astype(np.float32)
         self.discounted_return = self.discounted_return * self.gamma + rewards
         self.rms.update(self.discounted_return)
         self.discounted_return[episode_ends] = 0.0
@@ -242,9 +262,10 @@ class Agent(nn.Module):
 
     Gains: sqrt(2) for hidden layers, 0.01 for the policy head (initial actions near 0 whatever the
     observation), 1.0 for the value head. The log-std is a free parameter starting at 0 (std 1).
+    With ortho_init=False (--no-ortho-init) every layer keeps PyTorch's default initialization instead.
     """
 
-    def __init__(self, obs_dim: int, action_dim: int):
+    def __init__(self, obs_dim: int, action_dim: int, ortho_init: bool = True):
         super().__init__()
         self.critic = nn.Sequential(
             layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
@@ -257,6 +278,10 @@ class Agent(nn.Module):
             layer_init(nn.Linear(64, action_dim), std=0.01),
         )  # fmt: skip
         self.actor_logstd = nn.Parameter(torch.zeros(1, action_dim))
+        if not ortho_init:
+            for layer in (*self.critic, *self.actor_mean):
+                if isinstance(layer, nn.Linear):
+                    layer.reset_parameters()  # PyTorch's default: Kaiming-uniform weights and bias
 
     def get_value(self, obs: torch.Tensor) -> torch.Tensor:
         """obs: (B, obs_dim) -> V(obs): (B,)"""
@@ -279,6 +304,15 @@ class Agent(nn.Module):
         logprob = (-0.5 * ((action - mean) / log_std.exp()) ** 2 - log_std - LOG_SQRT_2PI).sum(-1)
         entropy = (0.5 + LOG_SQRT_2PI + log_std).sum(-1)
         return logprob, entropy, self.get_value(obs)
+
+
+def gaussian_kl(mean_p, log_std_p, mean_q, log_std_q) -> torch.Tensor:
+    """KL(p || q) between diagonal Gaussians, exact: (B, action_dim) means, log-stds that broadcast -> (B,).
+
+    Per dimension: log(std_q / std_p) + (std_p^2 + (mean_p - mean_q)^2) / (2 std_q^2) - 1/2, summed.
+    """
+    variance_ratio = ((2.0 * (log_std_p - log_std_q)).exp() + (mean_p - mean_q) ** 2 / (2.0 * log_std_q).exp()) / 2.0
+    return (log_std_q - log_std_p + variance_ratio - 0.5).sum(-1)
 
 
 # ALGORITHM
@@ -377,10 +411,14 @@ def compute_gae(rewards, values, next_values, terminations, episode_ends, gamma:
     return advantages, advantages + values
 
 
-def ppo_loss(new_logprobs, old_logprobs, entropy, new_values, old_values, advantages, returns, args: Args):
+def ppo_loss(
+    new_logprobs, old_logprobs, entropy, new_values, old_values, advantages, returns, args: Args, kl=None, kl_coef=0.0
+):
     """The PPO objective on one minibatch (all inputs (B,)); returns (loss to minimize, statistics).
 
-    loss = L^CLIP + vf_coef * L^VF - ent_coef * entropy, eq. 9 of arXiv:1707.06347 (negated).
+    loss = -L^CLIP + vf_coef * L^VF - ent_coef * S: the negative of eq. 9 of arXiv:1707.06347, which
+    maximizes L^CLIP - c1 L^VF + c2 S. --policy-objective puts L^KLPEN or L^CPI in the place of L^CLIP;
+    L^KLPEN needs kl, the exact KL(pi_old(.|s) || pi(.|s)) of each sample's state, and its beta kl_coef.
     """
     logratio = new_logprobs - old_logprobs
     ratio = logratio.exp()  # pi_new(a|s) / pi_old(a|s)
@@ -389,17 +427,30 @@ def ppo_loss(new_logprobs, old_logprobs, entropy, new_values, old_values, advant
         # k3 = (r - 1) - log r (unbiased and always >= 0), from John Schulman's note on KL estimators.
         old_approx_kl = (-logratio).mean()
         approx_kl = ((ratio - 1.0) - logratio).mean()
+        # The trust region in practice: the fraction of ratios outside [1 - eps, 1 + eps] and the extremes
+        # (measured whatever the objective, so that clipping and no clipping can be compared).
         clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+        ratio_max, ratio_min = ratio.max(), ratio.min()
 
     if args.norm_adv:  # per-minibatch advantage normalization
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
 
-    # L^CLIP, eq. 7 of arXiv:1707.06347: the pessimistic (max of the negated) of the unclipped and
-    # clipped surrogates. Once the ratio leaves [1 - eps, 1 + eps] in the direction the advantage
-    # favours, the clipped term is constant and no gradient pushes it further.
-    pg_loss1 = -advantages * ratio
-    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - args.clip_coef, 1.0 + args.clip_coef)
-    policy_loss = torch.max(pg_loss1, pg_loss2).mean()
+    # The paper's three surrogates, written as losses (negated). With r = ratio and A = advantage:
+    if args.policy_objective == "clip":
+        # L^CLIP, eq. 7: the pessimistic (max of the negated) of the unclipped and clipped surrogates.
+        # A > 0: the objective grows with r up to 1 + eps, then is flat; A < 0: it grows as r falls, down
+        # to 1 - eps, then is flat. Once r has left [1 - eps, 1 + eps] in the direction A favours, the
+        # clipped term is the max, it is constant in r, and no gradient pushes r further.
+        pg_loss1 = -advantages * ratio
+        pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - args.clip_coef, 1.0 + args.clip_coef)
+        policy_loss = torch.max(pg_loss1, pg_loss2).mean()
+    elif args.policy_objective == "kl-penalty":
+        # L^KLPEN, eq. 8: r * A - beta * KL(pi_old(.|s) || pi(.|s)); the penalty, not a clip, keeps pi close.
+        policy_loss = (-advantages * ratio + kl_coef * kl).mean()
+    else:
+        # L^CPI, eq. 6 (conservative policy iteration): r * A alone; nothing stops r from running away
+        # over many epochs on the same rollout.
+        policy_loss = (-advantages * ratio).mean()
 
     # Value loss, optionally clipped around the old prediction the same way (PPO2's baselines code).
     value_loss_unclipped = (new_values - returns) ** 2
@@ -415,19 +466,44 @@ def ppo_loss(new_logprobs, old_logprobs, entropy, new_values, old_values, advant
     stats = {
         "policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(), "entropy": entropy_mean.detach(),
         "old_approx_kl": old_approx_kl, "approx_kl": approx_kl, "clipfrac": clipfrac, "loss": loss.detach(),
+        "ratio_max": ratio_max, "ratio_min": ratio_min,
     }  # fmt: skip
     return loss, stats
 
 
-def update_policy(agent: Agent, optimizer, rollout: Rollout, advantages, returns, args: Args) -> dict[str, float]:
-    """update_epochs passes over the flattened rollout in shuffled minibatches; returns mean statistics."""
+class AdaptiveKLController:
+    """beta of L^KLPEN: fixed, or with --adaptive-kl adapted after each update (section 4 of arXiv:1707.06347).
+
+    d = KL(pi_old || pi_new) measured after the update: d < d_targ / 1.5 halves beta, d > 1.5 d_targ doubles
+    it; the new beta is used in the next update. The paper found the 1.5 and the 2 uncritical and beta's
+    starting value unimportant, since it adapts quickly.
+    """
+
+    def __init__(self, kl_coef: float, target: float):
+        self.value, self.target = kl_coef, target
+
+    def update(self, kl: float) -> None:
+        if kl < self.target / 1.5:
+            self.value /= 2.0
+        elif kl > self.target * 1.5:
+            self.value *= 2.0
+
+
+def update_policy(agent: Agent, optimizer, rollout: Rollout, advantages, returns, args: Args, kl_coef=None) -> dict:
+    """update_epochs passes over the flattened rollout in shuffled minibatches; returns statistics: means over
+    the minibatches, the extreme ratios over all of them, and the exact KL from the policy before the update
+    to the policy after it. kl_coef: beta of L^KLPEN (default --kl-coef; train() passes the adaptive one)."""
     b_obs = rollout.obs.reshape(-1, rollout.obs.shape[-1])  # (B, obs_dim), B = T * N
     b_actions = rollout.actions.reshape(-1, rollout.actions.shape[-1])
     b_logprobs, b_values = rollout.logprobs.reshape(-1), rollout.values.reshape(-1)
     b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
+    kl_coef = args.kl_coef if kl_coef is None else kl_coef
+    with torch.no_grad():  # pi_old on the rollout's observations, for L^KLPEN and the KL the update reached
+        old_mean, old_log_std = agent.actor_mean(b_obs), agent.actor_logstd.clone()  # (B, action_dim), (1, A)
 
     params = list(agent.parameters())
     totals: dict[str, torch.Tensor] = {}
+    ratio_max, ratio_min = torch.full((), -math.inf, device=b_obs.device), torch.full((), math.inf, device=b_obs.device)
     num_minibatch_updates = 0
     for epoch in range(1, args.update_epochs + 1):  # noqa: B007 (epoch is reported below)
         # A fresh permutation each epoch: every sample is used exactly once per epoch.
@@ -435,21 +511,32 @@ def update_policy(agent: Agent, optimizer, rollout: Rollout, advantages, returns
         for start in range(0, args.batch_size, args.minibatch_size):
             mb = permutation[start : start + args.minibatch_size]
             new_logprobs, entropy, new_values = agent.get_logprob_entropy_value(b_obs[mb], b_actions[mb])
+            kl = None
+            if args.policy_objective == "kl-penalty":  # KL(pi_old(.|s) || pi(.|s)) with its gradient, for L^KLPEN
+                kl = gaussian_kl(old_mean[mb], old_log_std, agent.actor_mean(b_obs[mb]), agent.actor_logstd)
             loss, stats = ppo_loss(
-                new_logprobs, b_logprobs[mb], entropy, new_values, b_values[mb], b_advantages[mb], b_returns[mb], args
-            )
+                new_logprobs, b_logprobs[mb], entropy, new_values, b_values[mb], b_advantages[mb], b_returns[mb], args,
+                kl, kl_coef,
+            )  # fmt: skip
             optimizer.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # one global norm over all weights
             optimizer.step()
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value
+            ratio_max = torch.maximum(ratio_max, stats["ratio_max"])  # the extremes over all minibatches
+            ratio_min = torch.minimum(ratio_min, stats["ratio_min"])
             num_minibatch_updates += 1
         # Early stop on the KL of the last minibatch of the epoch (implementation detail 12).
         if args.target_kl is not None and stats["approx_kl"].item() > args.target_kl:
             break
     # Averages over all minibatches; the KL as seen on the last one; what the critic explains.
     result = {key: (value / num_minibatch_updates).item() for key, value in totals.items()}
+    result["ratio_max"], result["ratio_min"] = ratio_max.item(), ratio_min.item()  # over all minibatches, not means
+    with torch.no_grad():  # exact KL(pi_old || pi_new) over the rollout's observations: how far the update went
+        new_mean = agent.actor_mean(b_obs)
+        result["exact_kl"] = gaussian_kl(old_mean, old_log_std, new_mean, agent.actor_logstd).mean().item()
+    result["beta"] = kl_coef
     result["last_approx_kl"] = stats["approx_kl"].item()
     result["epochs"] = epoch
     result["explained_variance"] = explained_variance(b_values, b_returns)
@@ -462,12 +549,13 @@ def train(args: Args) -> dict:
     with Run(args) as run:  # checks args; sets up seeding, device, run folder, logs, checkpoints, Ctrl-C
         envs = run.watch(make_vector_env(args.env_id, args.num_envs))
         obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
-        agent = Agent(obs_dim, action_dim).to(run.device)
+        agent = Agent(obs_dim, action_dim, args.ortho_init).to(run.device)
         # Adam with eps 1e-5 (detail 3: PPO2's value, not torch's 1e-8); the fused kernel is the same math, faster.
         optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
-        obs_normalizer = ObservationNormalizer((obs_dim,))
-        reward_scaler = RewardScaler(args.num_envs, args.gamma)
-        start_iteration = run.restore(agent, optimizer, obs_normalizer, reward_scaler)  # 1, or where --resume left off
+        obs_normalizer = ObservationNormalizer((obs_dim,), enabled=args.norm_obs)
+        reward_scaler = RewardScaler(args.num_envs, args.gamma, enabled=args.norm_reward)
+        kl_controller = AdaptiveKLController(args.kl_coef, args.kl_target)  # beta, for --policy-objective kl-penalty
+        start_iteration = run.restore(agent, optimizer, obs_normalizer, reward_scaler, kl_controller)  # 1, or resumed
         next_obs = obs_normalizer(envs.reset(seed=args.seed + start_iteration - 1)[0])
 
         for iteration in range(start_iteration, args.num_iterations + 1):
@@ -484,7 +572,9 @@ def train(args: Args) -> dict:
             )  # fmt: skip
 
             # UPDATE NETWORK
-            stats = update_policy(agent, optimizer, rollout, advantages, returns, args)
+            stats = update_policy(agent, optimizer, rollout, advantages, returns, args, kl_controller.value)
+            if args.adaptive_kl:  # section 4 of arXiv:1707.06347: beta follows the KL this update reached
+                kl_controller.update(stats["exact_kl"])
 
             run.log(iteration, stats)  # TensorBoard, progress line; stops the run if the loss is not finite
             run.save_if_due(iteration)  # every --save-interval iterations
@@ -559,11 +649,11 @@ class Run:
         self.envs = EpisodeAndTimeMonitor(envs)
         return self.envs
 
-    def restore(self, agent, optimizer, obs_normalizer, reward_scaler) -> int:
+    def restore(self, agent, optimizer, obs_normalizer, reward_scaler, kl_controller) -> int:
         """Register what a checkpoint holds; with --resume, load it. Returns the first iteration to run."""
         self.start_time = self.last_print = time.time()  # SPS and wall time count training, not the setup
         self.iteration_start = time.perf_counter()
-        self.model = (agent, optimizer, obs_normalizer, reward_scaler)
+        self.model = (agent, optimizer, obs_normalizer, reward_scaler, kl_controller)
         if self.checkpoint is None:
             return 1
         c = self.checkpoint
@@ -572,6 +662,7 @@ class Run:
         load_rms(obs_normalizer.rms, c["obs_rms"])
         load_rms(reward_scaler.rms, c["return_rms"])
         reward_scaler.discounted_return = c["discounted_return"].numpy().copy()
+        kl_controller.value = c.get("kl_coef", self.args.kl_coef)  # the adaptive beta where the run stopped
         set_rng_states(c["rng"])
         self.iteration = self.saved_iteration = c["iteration"]
         print(f"resuming {self.checkpoint_path} at step {self.global_step:,} (iteration {c['iteration'] + 1})")
@@ -602,8 +693,12 @@ class Run:
         write("charts/learning_rate", stats["learning_rate"], step)
         write("charts/SPS", sps, step)
         write("charts/update_epochs", stats["epochs"], step)
-        for key in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"):
+        for key in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac", "exact_kl"):
             write(f"losses/{key}", stats[key], step)
+        write("losses/ratio_max", stats["ratio_max"], step)
+        write("losses/ratio_min", stats["ratio_min"], step)
+        if self.args.policy_objective == "kl-penalty":
+            write("charts/beta", stats["beta"], step)
         write("losses/explained_variance", stats["explained_variance"], step)
         for key, seconds in (("env", self.env_time), ("inference", self.inference_time), ("update", self.update_time)):
             write(f"time/{key}_s", seconds, step)
@@ -728,8 +823,9 @@ def load_rms(rms: RunningMeanStd, state: dict) -> None:
     rms.mean, rms.var, rms.count = state["mean"].numpy().copy(), state["var"].numpy().copy(), float(state["count"])
 
 
-def save_checkpoint(path: Path, agent, optimizer, obs_normalizer, reward_scaler, args, global_step, iteration):
-    """Weights, optimizer, normalization statistics, RNG states, args and progress in one file.
+def save_checkpoint(path: Path, agent, optimizer, obs_normalizer, reward_scaler, kl_controller, args, global_step,
+                    iteration):  # fmt: skip
+    """Weights, optimizer, normalization statistics, beta, RNG states, args and progress in one file.
 
     Written to a temporary file and renamed, so an interrupted save never destroys the last one.
     """
@@ -737,7 +833,7 @@ def save_checkpoint(path: Path, agent, optimizer, obs_normalizer, reward_scaler,
         "script": SCRIPT_NAME, "env_id": args.env_id, "args": asdict(args), "model": agent.state_dict(),
         "optimizer": optimizer.state_dict(), "obs_rms": rms_state(obs_normalizer.rms),
         "return_rms": rms_state(reward_scaler.rms),
-        "discounted_return": torch.as_tensor(reward_scaler.discounted_return),
+        "discounted_return": torch.as_tensor(reward_scaler.discounted_return), "kl_coef": kl_controller.value,
         "rng": rng_states(), "global_step": global_step, "iteration": iteration,
     }  # fmt: skip
     tmp_path = path.with_suffix(".tmp")
@@ -802,7 +898,7 @@ def load_agent(checkpoint: dict, device: torch.device) -> tuple[Agent, Observati
     obs_dim, action_dim = model["actor_mean.0.weight"].shape[1], model["actor_logstd"].shape[1]
     agent = Agent(obs_dim, action_dim).to(device)
     agent.load_state_dict(model)
-    obs_normalizer = ObservationNormalizer((obs_dim,))
+    obs_normalizer = ObservationNormalizer((obs_dim,), enabled=checkpoint["args"].get("norm_obs", True))
     load_rms(obs_normalizer.rms, checkpoint["obs_rms"])
     return agent, obs_normalizer
 
@@ -873,6 +969,11 @@ def validate_args(args: Args) -> None:
         (args.max_grad_norm > 0, f"--max-grad-norm must be positive (0 freezes the policy), got {args.max_grad_norm}"),
         (args.ent_coef >= 0 and args.vf_coef >= 0, "--ent-coef and --vf-coef must not be negative"),
         (args.target_kl is None or args.target_kl > 0, f"--target-kl must be positive when set, got {args.target_kl}"),
+        (args.kl_coef >= 0, f"--kl-coef must not be negative, got {args.kl_coef}"),
+        (not args.adaptive_kl or args.policy_objective == "kl-penalty",
+         "--adaptive-kl needs --policy-objective kl-penalty"),
+        (not args.adaptive_kl or (args.kl_coef > 0 and args.kl_target > 0),
+         "--adaptive-kl needs a positive --kl-coef (beta's start) and --kl-target"),
         (0 <= args.seed < 2**32, f"--seed must lie in [0, 2**32), got {args.seed}"),
         (args.save_interval >= 0, f"--save-interval must not be negative, got {args.save_interval}"),
         (not (args.resume and args.eval_checkpoint), "--resume and --eval-checkpoint exclude each other"),

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import gymnasium as gym
@@ -375,6 +375,243 @@ def test_clipped_value_loss_blocks_gradient_beyond_the_clip():
     assert unclipped.grad.item() == pytest.approx(-1.5)
 
 
+# THE PAPER'S THREE OBJECTIVES, THE TRUST REGION STATISTICS, THE CODE-LEVEL SWITCHES
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    torch.manual_seed(0)
+    mean_p, mean_q = torch.randn(7, 3), torch.randn(7, 3)
+    log_std_p, log_std_q = torch.randn(1, 3), torch.randn(1, 3)
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean_p, log_std_p.exp()), torch.distributions.Normal(mean_q, log_std_q.exp())
+    ).sum(-1)
+    torch.testing.assert_close(pc.gaussian_kl(mean_p, log_std_p, mean_q, log_std_q), expected)
+    assert torch.equal(pc.gaussian_kl(mean_p, log_std_p, mean_p, log_std_p), torch.zeros(7))
+
+
+def surrogate_loss_and_gradient(objective, kl_coef, seed=0):
+    """The policy loss and its gradient w.r.t. the new log-probs and the KL, on random data."""
+    torch.manual_seed(seed)
+    new_logprobs = (0.3 * torch.randn(16)).requires_grad_(True)
+    kl = torch.rand(16).requires_grad_(True)
+    zeros, advantages = torch.zeros(16), torch.randn(16)
+    args = pc.Args(policy_objective=objective, vf_coef=0.0, norm_adv=True)
+    loss, stats = pc.ppo_loss(new_logprobs, zeros, zeros, zeros, zeros, advantages, zeros, args, kl, kl_coef)
+    loss.backward()
+    return loss.detach(), new_logprobs.grad, kl.grad, stats
+
+
+def test_kl_penalty_at_beta_zero_is_the_plain_surrogate():
+    loss_kl, grad_kl, kl_grad, _ = surrogate_loss_and_gradient("kl-penalty", 0.0)
+    loss_cpi, grad_cpi, kl_grad_cpi, _ = surrogate_loss_and_gradient("none", 0.0)
+    assert torch.equal(loss_kl, loss_cpi) and torch.equal(grad_kl, grad_cpi)
+    assert torch.equal(kl_grad, torch.zeros(16)) and kl_grad_cpi is None  # L^CPI does not look at the KL
+    # With beta > 0 the penalty adds beta * mean(KL): its gradient w.r.t. each KL term is beta / B.
+    loss_beta, grad_beta, kl_grad_beta, _ = surrogate_loss_and_gradient("kl-penalty", 2.0)
+    assert torch.equal(grad_beta, grad_cpi)
+    torch.testing.assert_close(kl_grad_beta, torch.full((16,), 2.0 / 16))
+    assert loss_beta > loss_cpi
+
+
+def test_plain_surrogate_is_not_clipped_where_the_clip_stops_the_gradient():
+    """r = 1.5 with A > 0: L^CLIP gives no gradient (past 1 + eps), L^CPI and L^KLPEN still push r up."""
+    zeros = torch.zeros(1)
+    for objective, gradient_expected in (("clip", False), ("none", True), ("kl-penalty", True)):
+        new_logprobs = torch.tensor([math.log(1.5)], requires_grad=True)
+        args = pc.Args(policy_objective=objective, norm_adv=False, vf_coef=0.0)
+        loss, stats = pc.ppo_loss(new_logprobs, zeros, zeros, zeros, zeros, torch.ones(1), zeros, args, zeros, 1.0)
+        loss.backward()
+        assert (new_logprobs.grad.abs().item() > 0) == gradient_expected, objective
+        assert stats["clipfrac"].item() == 1.0  # measured against [1 - eps, 1 + eps] whatever the objective
+        assert stats["ratio_max"].item() == pytest.approx(1.5) and stats["ratio_min"].item() == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize(
+    ("kl", "beta_after"),
+    [
+        (0.005, 0.5),  # d < d_targ / 1.5 = 0.00667: beta / 2
+        (0.0067, 1.0),  # just above d_targ / 1.5: unchanged
+        (0.01, 1.0),  # on target
+        (0.0149, 1.0),  # just below 1.5 d_targ: unchanged
+        (0.02, 2.0),  # d > 1.5 d_targ = 0.015: beta * 2
+    ],
+)
+def test_adaptive_kl_rule_of_section_4(kl, beta_after):
+    controller = pc.AdaptiveKLController(kl_coef=1.0, target=0.01)
+    controller.update(kl)
+    assert controller.value == beta_after
+
+
+def test_adaptive_kl_controller_halves_and_doubles_repeatedly():
+    controller = pc.AdaptiveKLController(kl_coef=1.0, target=0.01)
+    for kl in (0.001, 0.001, 0.001):
+        controller.update(kl)
+    assert controller.value == 0.125
+    for kl in (0.1, 0.1):
+        controller.update(kl)
+    assert controller.value == 0.5
+
+
+def update_once(objective="clip", **overrides):
+    """One update_policy on a Pendulum rollout; returns (stats, agent before, agent after, rollout)."""
+    torch.manual_seed(0)
+    rollout, _, agent = collect("Pendulum-v1", 2, 128)
+    args = pc.Args(num_envs=2, num_steps=128, policy_objective=objective, **overrides)
+    advantages, returns = pc.compute_gae(
+        rollout.rewards, rollout.values, rollout.next_values, rollout.terminations,
+        rollout.episode_ends, args.gamma, args.gae_lambda,
+    )  # fmt: skip
+    before = pc.Agent(3, 1)
+    before.load_state_dict(agent.state_dict())
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    stats = pc.update_policy(agent, optimizer, rollout, advantages, returns, args)
+    return stats, before, agent, rollout
+
+
+def test_update_statistics_measure_the_trust_region():
+    # One epoch of one minibatch: the only ratios seen are those before any step, all exactly 1.
+    stats, before, after, rollout = update_once(update_epochs=1, num_minibatches=1)
+    assert stats["ratio_max"] == pytest.approx(1.0, abs=1e-5) and stats["ratio_min"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["clipfrac"] == 0.0
+    obs = rollout.obs.reshape(-1, 3)
+    with torch.no_grad():
+        expected = pc.gaussian_kl(
+            before.actor_mean(obs), before.actor_logstd, after.actor_mean(obs), after.actor_logstd
+        )
+    assert stats["exact_kl"] == pytest.approx(expected.mean().item()) and stats["exact_kl"] > 0
+    # Ten epochs: the ratios spread around 1; the extremes bound every ratio, the fraction outside is a fraction.
+    stats, *_ = update_once(update_epochs=10, num_minibatches=4)
+    assert stats["ratio_min"] < 1.0 < stats["ratio_max"]
+    assert 0.0 <= stats["clipfrac"] <= 1.0 and stats["exact_kl"] > 0 and stats["beta"] == 1.0
+
+
+def test_without_clipping_many_epochs_move_the_policy_further():
+    """The same rollout, 30 epochs: L^CPI lets the ratio run away, L^CLIP holds it near [0.8, 1.2]."""
+    clipped, *_ = update_once("clip", update_epochs=30, num_minibatches=4, anneal_lr=False)
+    plain, *_ = update_once("none", update_epochs=30, num_minibatches=4, anneal_lr=False)
+    assert plain["exact_kl"] > 2 * clipped["exact_kl"]
+    assert plain["ratio_max"] > clipped["ratio_max"]
+
+
+def test_kl_penalty_keeps_the_policy_closer_the_larger_beta():
+    small, *_ = update_once("kl-penalty", update_epochs=30, num_minibatches=4, kl_coef=0.01)
+    large, *_ = update_once("kl-penalty", update_epochs=30, num_minibatches=4, kl_coef=100.0)
+    assert large["exact_kl"] < small["exact_kl"]
+    assert large["beta"] == 100.0 and small["beta"] == 0.01
+
+
+def test_adaptive_kl_run_logs_beta_and_resumes_it(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def betas_logged(run_dir):
+        events = EventAccumulator(run_dir)
+        events.Reload()
+        return [e.value for e in events.Scalars("charts/beta")], events
+
+    args = tiny_args(tmp_path, policy_objective="kl-penalty", adaptive_kl=True, kl_target=1e-6)
+    summary = pc.train(args)
+    betas, events = betas_logged(summary["run_dir"])
+    # beta as it was in each update: 1, then doubled after every update (the KL is far above 1.5e-6)
+    assert betas == [1.0, 2.0, 4.0, 8.0]
+    kls = [e.value for e in events.Scalars("losses/exact_kl")]
+    assert len(kls) == 4 and all(kl > 1.5e-6 for kl in kls)
+    assert {"losses/ratio_max", "losses/ratio_min"} <= set(events.Tags()["scalars"])
+    assert pc.load_checkpoint(summary["checkpoint"])["kl_coef"] == 16.0  # the beta the next update would use
+
+    # Stopped after 2 updates, then resumed: the resumed updates use the saved beta, not --kl-coef's start.
+    real_update, calls = pc.update_policy, []
+
+    def update_then_stop(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_update(*a, **k)
+
+    monkeypatch.setattr(pc, "update_policy", update_then_stop)
+    interrupted = pc.train(replace(args, runs_dir=str(tmp_path / "second")))
+    assert interrupted["status"] == "interrupted" and interrupted["iterations"] == 2
+    assert pc.load_checkpoint(interrupted["checkpoint"])["kl_coef"] == 4.0
+    monkeypatch.setattr(pc, "update_policy", real_update)
+    resumed = pc.train(replace(args, runs_dir=str(tmp_path / "second"), resume=interrupted["checkpoint"]))
+    assert resumed["iterations"] == 4 and betas_logged(resumed["run_dir"])[0] == [1.0, 2.0, 4.0, 8.0]
+    assert pc.load_checkpoint(resumed["checkpoint"])["kl_coef"] == 16.0
+
+
+def test_clip_runs_log_no_beta(tmp_path):
+    summary = pc.train(tiny_args(tmp_path, total_timesteps=256, num_steps=256))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(summary["run_dir"])
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"losses/ratio_max", "losses/ratio_min", "losses/exact_kl", "losses/clipfrac"} <= tags
+    assert "charts/beta" not in tags
+
+
+def test_the_default_objective_computes_what_the_version_before_the_objectives_did(tmp_path):
+    """Same seed, bitwise the same weights, optimizer state and statistics as ppo_continuous.py at f5cce97,
+    the last commit before the objectives and the code-level switches were added."""
+    old_source = subprocess.run(
+        ["git", "-C", str(REPO), "show", "f5cce97:ppo_continuous.py"], capture_output=True, text=True
+    )
+    if old_source.returncode != 0:
+        pytest.skip("this checkout has no git history to compare with")
+    old_path = tmp_path / "ppo_continuous_f5cce97.py"
+    old_path.write_text(old_source.stdout)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ppo_continuous_f5cce97", old_path)
+    old = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = old  # dataclasses look the module up while Args is defined
+    try:
+        spec.loader.exec_module(old)
+    finally:
+        del sys.modules[spec.name]
+    checkpoints = []
+    for module in (old, pc):
+        settings = {f.name: getattr(tiny_args(tmp_path / module.__name__), f.name) for f in fields(old.Args)}
+        summary = module.train(module.Args(**settings))
+        checkpoints.append(torch.load(summary["checkpoint"], weights_only=True))
+    before, after = checkpoints
+    assert before["model"].keys() == after["model"].keys()
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+    optimizer_before, optimizer_after = before["optimizer"]["state"], after["optimizer"]["state"]
+    for state_before, state_after in zip(optimizer_before.values(), optimizer_after.values(), strict=True):
+        assert all(torch.equal(state_before[k], state_after[k]) for k in state_before)
+    for key in ("obs_rms", "return_rms"):
+        assert all(
+            torch.equal(torch.as_tensor(before[key][k]), torch.as_tensor(after[key][k])) for k in ("mean", "var")
+        )
+    assert torch.equal(before["rng"]["torch"], after["rng"]["torch"])
+
+
+def test_code_level_switches_turn_each_detail_off():
+    # --no-norm-obs: the policy sees the raw observation; --no-norm-reward: it learns from the raw reward.
+    raw = np.array([[100.0, -50.0, 3.0]])
+    normalizer = pc.ObservationNormalizer((3,), enabled=False)
+    assert np.array_equal(normalizer(raw), raw.astype(np.float32)) and normalizer.rms.count == 1e-4
+    scaler = pc.RewardScaler(1, 0.99, enabled=False)
+    assert np.array_equal(scaler(np.array([250.0]), np.array([False])), np.array([250.0], np.float32))
+    # --no-ortho-init: PyTorch's default init (uniform weights and biases), not orthogonal rows with zero bias.
+    torch.manual_seed(0)
+    default = pc.Agent(11, 3, ortho_init=False)
+    first = default.critic[0]
+    assert first.bias.abs().sum() > 0
+    gram = first.weight @ first.weight.T
+    assert not torch.allclose(gram, gram[0, 0] * torch.eye(64), atol=1e-3)
+    assert first.weight.abs().max() <= 1 / math.sqrt(11)  # Kaiming-uniform bound 1 / sqrt(fan_in)
+
+
+def test_run_without_observation_normalization_is_evaluated_without_it(tmp_path):
+    summary = pc.train(tiny_args(tmp_path, norm_obs=False, norm_reward=False, ortho_init=False))
+    checkpoint = pc.load_checkpoint(summary["checkpoint"])
+    assert checkpoint["obs_rms"]["count"] == 1e-4  # nothing was learned
+    agent, normalizer = pc.load_agent(checkpoint, torch.device("cpu"))
+    assert not normalizer.enabled
+    again = pc.evaluate_checkpoint(summary["checkpoint"], tiny_args(tmp_path))
+    assert again["eval_return_mean"] == summary["eval_return_mean"]
+
+
 # END TO END: LOGS, CHECKPOINTS, EVALUATION, DETERMINISM, RESUME
 
 
@@ -660,6 +897,9 @@ def test_track_with_wandb_offline(tmp_path):
         ({"ent_coef": -1.0}, "--ent-coef and --vf-coef must not be negative"),
         ({"vf_coef": -3.0}, "--ent-coef and --vf-coef must not be negative"),
         ({"target_kl": -1.0}, "--target-kl must be positive"),
+        ({"kl_coef": -1.0}, "--kl-coef must not be negative"),
+        ({"adaptive_kl": True}, "--adaptive-kl needs --policy-objective kl-penalty"),
+        ({"adaptive_kl": True, "policy_objective": "kl-penalty", "kl_target": 0.0}, "--adaptive-kl needs a positive"),
         ({"seed": -1}, "--seed must lie in"),
         ({"eval_episodes": 0}, "--eval-episodes must be at least 1"),
     ],
