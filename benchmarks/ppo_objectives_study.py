@@ -105,6 +105,32 @@ def runs_to_do(out: Path) -> list[tuple[str, str, int]]:
     return [run for run in grid() if run_key(*run) not in done]
 
 
+def work_through(out: Path, args: argparse.Namespace, lock: threading.Lock) -> None:
+    """Run the grid's runs that are neither done nor claimed, one after the other. A claim is a file holding the
+    pid of the study that runs it, so a second study started later (one more core) shares the grid with this
+    one; the claim of a study that was stopped (its pid is gone) is taken over."""
+    while True:
+        with lock:  # threads of this process take turns at choosing
+            run = next((run for run in runs_to_do(out) if claim(out / "claims" / run_key(*run))), None)
+        if run is None:
+            return
+        try:
+            run_one(*run, args, lock)
+        finally:
+            (out / "claims" / run_key(*run)).unlink(missing_ok=True)
+
+
+def claim(path: Path) -> bool:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        holder = int(path.read_text())
+        os.kill(holder, 0)  # raises if no such process
+        return False  # a study that is alive runs it
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        path.write_text(str(os.getpid()))
+        return True
+
+
 def code_version(script: Path) -> str:
     """The commit the script was run from, with '+changes' if the file differs from it."""
     git = ["git", "-C", str(script.parent)]
@@ -413,7 +439,7 @@ def main() -> None:
         print(f"{len(grid()) - len(todo)} runs done, {len(todo)} to run, {args.parallel} at a time", flush=True)
         lock = threading.Lock()
         with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-            for future in [pool.submit(run_one, *run, args, lock) for run in todo]:
+            for future in [pool.submit(work_through, out, args, lock) for _ in range(args.parallel)]:
                 future.result()
     print(report(out, read_records(out), random_scores))
 

@@ -113,3 +113,11 @@ def test_report_writes_tables_and_figures(tmp_path):
     for name in ("table1_curves", "trust_region", "epochs", "gae_lambda", "ppo_m"):
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
     json.dumps(records)  # the records are what results.jsonl holds
+
+
+def test_a_run_claimed_by_a_live_study_is_left_to_it(tmp_path):
+    claim = tmp_path / "claims" / "Hopper-v4__clip__1"
+    assert study.claim(claim) and claim.read_text() == str(__import__("os").getpid())
+    assert not study.claim(claim)  # claimed by a study that is alive (this one)
+    claim.write_text("999999999")  # a study that was stopped: its claim is taken over
+    assert study.claim(claim)
