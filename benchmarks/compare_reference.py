@@ -12,6 +12,21 @@ with, e.g. CleanRL's `cleanrl/ppo_continuous_action.py` in a scratch venv.
         --reference /tmp/ref/ppo_continuous_action.py --reference-python /tmp/ref-venv/bin/python \
         --env-id Hopper-v4 --total-timesteps 20480 --repeat 2 --out benchmarks/results/compare_continuous
 
+Two comparisons, each worth quoting: against the reference on its own pinned stack (what a user who picks it
+gets) and with both on our stack (what the script alone buys). Get CleanRL's files from its repository
+(vwxyzjn/cleanrl: `cleanrl/ppo_continuous_action.py`; `cleanrl/ppo_atari.py` with `cleanrl_utils/__init__.py`
+and `cleanrl_utils/atari_wrappers.py` beside it), build its stack with benchmarks/make_reference_venv.sh, then:
+
+    benchmarks/make_reference_venv.sh /work/ref-venv-continuous continuous     # atari: /work/ref-venv-atari atari
+    python benchmarks/compare_reference.py --ours ppo_continuous.py --reference /tmp/ref/ppo_continuous_action.py \
+        --reference-python /work/ref-venv-continuous/bin/python --env-id Hopper-v4 --repeat 3 --out <folder>
+    python benchmarks/compare_reference.py --ours ppo_continuous.py --reference /tmp/ref1x/ppo_continuous_action.py \
+        --env-id Hopper-v4 --repeat 3 --out <folder>    # our stack: this Python runs a copy ported to gymnasium 1.x
+
+CleanRL's scripts as published run on gymnasium 0.29 only (on 1.x, TransformObservation wants an observation
+space, and the Atari ids need `gym.register_envs(ale_py)` and renamed wrappers), hence the ported copy. Each
+side's versions of torch, gymnasium, MuJoCo, ale-py and numpy are printed and saved with the results.
+
 `--avx2-only` caps both sides' oneDNN, MKL and torch kernels at AVX2: a CPU without AVX-512, AMX or
 native bfloat16, emulated on this one (give ppo_atari.py `--ours-flags=--no-bf16` with it, the default it
 would have there).
@@ -48,6 +63,14 @@ def machine() -> dict:
         info.update(cpu=model[0] if model else info["cpu"], avx2="avx2" in flags, avx512="avx512f" in flags)
         info.update(avx512_bf16="avx512_bf16" in flags, amx="amx_tile" in flags)
     return info
+
+
+def stack(python: str) -> dict:
+    """The versions of the packages that set a step's speed, in the environment of that Python."""
+    packages = ["torch", "gymnasium", "mujoco", "ale-py", "numpy"]
+    code = f"import importlib.metadata as m, json\nv = {{}}\nfor p in {packages!r}:\n    try: v[p] = m.version(p)\n"
+    code += "    except m.PackageNotFoundError: v[p] = None\nprint(json.dumps(v))"
+    return json.loads(subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
 def last_sps(run_root: Path) -> float:
@@ -112,6 +135,7 @@ def main() -> None:
         "env_id": args.env_id, "total_timesteps": args.total_timesteps, "ours": args.ours,
         "reference": Path(args.reference).name, "ours_flags": args.ours_flags, "reference_flags": args.reference_flags,
         "kernels": "AVX2 only (emulated)" if args.avx2_only else "native",
+        "stack": {"ours": stack(sys.executable), "reference": stack(args.reference_python)},
         "sps": runs, "median_sps": medians, "ratio": medians["ours"] / medians["reference"], "machine": machine(),
         "load_average_before": before, "load_average_after": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M"),
     }  # fmt: skip
@@ -121,6 +145,8 @@ def main() -> None:
     print(f"machine: {m['cpu']}, {m['cores']} cores, AVX-512 {m.get('avx512')}, AMX {m.get('amx')}, "
           f"bf16 {m.get('avx512_bf16')}; kernels {result['kernels']}; "
           f"load average before {before[0]:.2f}, after {after[0]:.2f}")  # fmt: skip
+    for side, versions in result["stack"].items():
+        print(f"{side} stack: " + ", ".join(f"{p} {v}" for p, v in versions.items() if v))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "results.json").write_text(json.dumps(result, indent=2))

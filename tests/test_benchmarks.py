@@ -1,0 +1,110 @@
+"""The benchmark tools that cannot be measured here still work here: benchmarks/gpu_check.py refuses without a
+GPU and its commands only use flags the scripts have; make_reference_venv.sh and env_stack_throughput.py
+start. No timing: these check behaviour only."""
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+import gpu_check  # noqa: E402
+
+NO_GPU = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the refusal is tested on a GPU machine too
+
+
+def run(*command, env=NO_GPU):
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_gpu_check_refuses_without_cuda_in_one_line():
+    result = run(sys.executable, "benchmarks/gpu_check.py")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "needs a CUDA GPU" in lines[0], result.stderr
+
+
+def test_gpu_check_dry_run_skips_a_comparison_without_its_reference():
+    result = run(sys.executable, "benchmarks/gpu_check.py", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 7
+    assert [line for line in lines if line.startswith("#")] == [
+        "# compare_continuous: skipped, no reference script: give --reference-continuous or REFERENCE_CONTINUOUS",
+        "# compare_atari: skipped, no reference script: give --reference-atari or REFERENCE_ATARI",
+    ]
+
+
+def test_gpu_check_commands_use_only_flags_the_scripts_have():
+    env = {**NO_GPU, "REFERENCE_CONTINUOUS": "/ref/a.py", "REFERENCE_ATARI": "/ref/b.py", "COLUMNS": "200"}
+    result = run(sys.executable, "benchmarks/gpu_check.py", "--dry-run", env=env)
+    assert result.returncode == 0, result.stderr
+    commands = [shlex.split(line) for line in result.stdout.strip().splitlines()]
+    assert len(commands) == 7 and not any(c[0].startswith("#") for c in commands)
+    wanted = {}  # help command -> flags it must list
+    for c in commands:
+        if "--worker" in c:  # SELF --worker SCRIPT PREFIX -- FLAGS
+            i = c.index("--worker")
+            wanted.setdefault((sys.executable, c[i + 1], "--help"), set()).update(c[c.index("--") + 1 :])
+            if "torch.distributed.run" in c:
+                launcher = c[c.index("torch.distributed.run") + 1 : c.index(gpu_check.SELF)]
+                wanted.setdefault((sys.executable, "-m", "torch.distributed.run", "--help"), set()).update(launcher)
+        else:
+            i = c.index("benchmarks/compare_reference.py")
+            wanted.setdefault((sys.executable, c[i], "--help"), set()).update(c[i + 1 :])
+    assert {w[-2] for w in wanted} == {"ppo_continuous.py", "ppo_atari.py", "ppo_llm_toy.py",
+                                       "benchmarks/compare_reference.py", "torch.distributed.run"}  # fmt: skip
+    helps = {w: subprocess.Popen(w, cwd=REPO, stdout=subprocess.PIPE, text=True, env=env) for w in wanted}
+    for command, process in helps.items():
+        text = process.communicate(timeout=120)[0]
+        assert process.returncode == 0, command
+        for flag in (f for f in wanted[command] if f.startswith("--")):
+            assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), f"{flag} not in {' '.join(command)}"
+
+
+def test_gpu_check_worker_reports_a_run_and_a_cpu_run_fails_the_check(tmp_path):
+    flags = ["--no-cuda", "--env-id", "Hopper-v4", "--total-timesteps", "64", "--num-steps", "32",
+             "--num-minibatches", "2", "--update-epochs", "1", "--eval-episodes", "1", "--runs-dir", str(tmp_path)]  # fmt: skip
+    worker = [sys.executable, "benchmarks/gpu_check.py", "--worker", "ppo_continuous.py", str(tmp_path / "c")]
+    result = run(*worker, "--", *flags)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "c_rank0.json").read_text())
+    assert report["summary"]["status"] == "completed" and report["summary"]["global_step"] == 64
+    assert report["cuda_max_memory_bytes"] == 0 and report["backend"] is None
+    passed, detail, _ = gpu_check.check(gpu_check.Step("c", [], 60), 0, tmp_path, gpus=1)
+    assert not passed and "0 MiB of CUDA memory" in detail  # it stayed on the CPU
+    assert gpu_check.check(gpu_check.Step("c", [], 60), None, tmp_path, gpus=1)[:2] == (
+        False, "stopped at its time limit (60 s)",
+    )  # fmt: skip
+
+
+def test_make_reference_venv_is_valid_bash_and_refuses_a_folder_inside_the_repository():
+    script = "benchmarks/make_reference_venv.sh"
+    assert run("bash", "-n", script).returncode == 0
+    if shutil.which("shellcheck"):
+        checked = run("shellcheck", script)
+        assert checked.returncode == 0, checked.stdout
+    inside = run("bash", script, "benchmarks/venv", "continuous")
+    assert inside.returncode == 2 and inside.stderr.startswith("error: ") and "inside the repository" in inside.stderr
+    assert not (REPO / "benchmarks/venv").exists()
+    wrong = run("bash", script, "/tmp/never-made", "pong")
+    assert wrong.returncode == 2 and wrong.stderr.startswith("usage: ")
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_env_stack_throughput_measures_each_way_and_names_the_versions(tmp_path):
+    result = run(sys.executable, "benchmarks/env_stack_throughput.py", "--steps", "50", "--warmup", "5",
+                 "--repeat", "2", "--out", str(tmp_path))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(saved["sps"]) == {"make", "make_no_checker", "unwrapped", "make_vector_env"}, saved["skipped"]
+    assert all(len(v) == 2 and min(v) > 0 for v in saved["sps"].values())
+    assert set(saved["versions"]) == {"gymnasium", "mujoco", "numpy"} and all(saved["versions"].values())
