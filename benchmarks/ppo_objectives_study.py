@@ -369,6 +369,19 @@ def code_level_table(cells) -> str:
     )
 
 
+LABELS = {
+    "none": "no clipping", "clip": "clip 0.2", "kl_adaptive": "adaptive KL 0.01", "kl_fixed": "fixed KL beta 1",
+    "clip_epochs1": "clip, 1 epoch", "clip_epochs30": "clip, 30 epochs", "none_epochs1": "no clipping, 1 epoch",
+    "none_epochs30": "no clipping, 30 epochs", "clip_lambda0": "lambda 0", "clip_lambda1": "lambda 1",
+    "ppo_m_clip": "PPO-M, clip", "ppo_m_none": "PPO-M, no clipping",
+}  # fmt: skip
+COLORS = {s: f"C{i}" for i, s in enumerate(LABELS)}
+Y_LABELS = {
+    "return": "episodic return (moving average, 10 updates)", "ratio_max": "largest ratio in the update",
+    "exact_kl": "KL(pi_old || pi_new) after the update", "explained_variance": "explained variance of the critic",
+}  # fmt: skip
+
+
 def plot(out: Path, cells) -> None:
     import matplotlib
 
@@ -381,21 +394,27 @@ def plot(out: Path, cells) -> None:
                                         for k in range(len(points))]  # fmt: skip
 
     def curves(ax, settings, env_id, field="return", log=False):
-        for s, color in zip(settings, ("C0", "C1", "C2", "C3"), strict=False):
+        for s in settings:
             for r in cells.get((s, env_id), []):
-                series = r["per_iteration"][field]
-                steps = r["per_iteration"]["step"]
+                series, steps = r["per_iteration"][field], r["per_iteration"]["step"]
+                style = {
+                    "color": COLORS[s],
+                    "ls": "-" if r["seed"] == 1 else "--",
+                    "label": f"{LABELS[s]}, seed {r['seed']}",
+                }
                 if field == "return":
                     index, values = smooth(series)
-                    ax.plot([steps[i] for i in index], values, color=color, alpha=0.8, label=f"{s} seed {r['seed']}")
+                    ax.plot([steps[i] for i in index], values, alpha=0.9, **style)
                 else:
-                    ax.plot(steps, series, color=color, alpha=0.6, lw=0.8, label=f"{s} seed {r['seed']}")
-        ax.set_title(f"{env_id}: {field}")
+                    ax.plot(steps, series, alpha=0.6, lw=0.8, **style)
+        ax.set_title(env_id)
         ax.set_xlabel("environment steps")
+        ax.set_ylabel(Y_LABELS[field])
         if log:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        if ax.lines:
+            ax.legend(fontsize=7)
 
     cheetah, hopper = "HalfCheetah-v4", "Hopper-v4"
     figures = {  # file -> panels of (settings, env, statistic, log scale)
