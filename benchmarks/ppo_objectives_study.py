@@ -79,9 +79,11 @@ PER_UPDATE = {  # TensorBoard tag -> the record's per-update series
 
 
 def grid() -> list[tuple[str, str, int]]:
-    """(setting, env, seed) of every run, in the order they are run: Table 1 first, seed 1 before seed 2."""
-    runs = [(s, env, seed) for seed in SEEDS for env in ENVS for s in TABLE1]
+    """(setting, env, seed) of every run, in the order they are run: all five parts with seed 1 (Table 1
+    first), then all with seed 2, so that a study cut short has one seed of everything."""
+    runs = []
     for seed in SEEDS:
+        runs += [(s, env, seed) for env in ENVS for s in TABLE1]
         runs += [
             (s, "HalfCheetah-v4", seed) for s in ("clip_epochs1", "none_epochs1", "clip_epochs30", "none_epochs30")
         ]

@@ -29,6 +29,7 @@ def test_the_grid_is_the_44_runs_of_the_study():
     assert len([r for r in runs if r[0].startswith("ppo_m")]) == 8
     assert {seed for _, _, seed in runs} == {1, 2}
     assert runs[:12] == [r for r in table1 if r[2] == 1]  # Table 1's first seed runs first
+    assert [seed for _, _, seed in runs] == [1] * 22 + [2] * 22  # then every part with seed 1, then seed 2
 
 
 @pytest.mark.parametrize("setting", list(study.SETTINGS))
