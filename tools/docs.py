@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import functools
 import html
 import os
 import re
@@ -32,8 +33,9 @@ HTML_PATH = REPO / "docs" / "side_by_side.html"
 REGENERATE = "python tools/docs.py"
 UPDATE_LINES = "python tools/docs.py --update-line-numbers"
 
-# A link with a line number: [`name`](path.py#L123). The name is in backticks so that it says what it points at.
-LINE_LINK = re.compile(r"\[`([^`]+)`\]\(([^)#\s]+\.py)#L(\d+)\)")
+# A link with a line number: [`name`](path.py#L123), or [some words `name`](path.py#L123). The link text ends
+# with the name in backticks, so that it says what it points at.
+LINE_LINK = re.compile(r"\[([^\]`]*)`([^`]+)`\]\(([^)#\s]+\.py)#L(\d+)\)")
 ANY_LINE_LINK = re.compile(r"\[([^\]]*)\]\(([^)#\s]+\.py)#L(\d+)\)")
 
 
@@ -53,6 +55,11 @@ def top_level(path: Path) -> dict[str, tuple[int, int]]:
 
 def definitions(path: Path) -> dict[str, int]:
     """Qualified name -> the line of its `def` / `class` / field: `train`, `Run.log`, `Args.anneal_lr`, `SCRIPT_NAME`."""
+    return _definitions(str(path), path.read_text())
+
+
+@functools.lru_cache(maxsize=16)
+def _definitions(path: str, text: str) -> dict[str, int]:
     found: dict[str, int] = {}
 
     def visit(body, prefix: str) -> None:
@@ -67,7 +74,7 @@ def definitions(path: Path) -> dict[str, int]:
                     if isinstance(target, ast.Name):
                         found.setdefault(prefix + target.id, node.lineno)
 
-    visit(ast.parse(path.read_text()).body, "")
+    visit(ast.parse(text).body, "")
     return found
 
 
@@ -276,13 +283,17 @@ are the scripts' line numbers. In a terminal: <code>python tools/docs.py
 # THE TERMINAL FORM
 
 
-def print_function(name: str, scripts: list[str], unified: bool, out=sys.stdout) -> int:
+def print_function(name: str, scripts: list[str], unified: bool, out=None) -> int:
+    out = out or sys.stdout
     texts, spans = load()
     present, lines, starts = versions_of(name, scripts, texts, spans)
     if not present:
         known = sorted({n for s in scripts for n in spans[s]})
         hint = difflib.get_close_matches(name, known, n=3)
-        print(f"error: no script of {', '.join(scripts)} defines {name}" + (f" (did you mean {hint}?)" if hint else ""))
+        print(
+            f"error: no script of {', '.join(scripts)} defines {name}" + (f" (did you mean {hint}?)" if hint else ""),
+            file=out,
+        )
         return 2
     color = out.isatty() and os.environ.get("NO_COLOR") is None
     paint = (lambda code, s: f"\033[{code}m{s}\033[0m") if color else (lambda code, s: s)
@@ -320,6 +331,11 @@ def documents(repo: Path = REPO) -> list[Path]:
     return [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]
 
 
+def text_at(line: str, text: str) -> bool:
+    """Whether a line holds a plain-text anchor: a comment banner (`# NETWORK`) starts the line, other text is in it."""
+    return line.startswith(text) if text.startswith("#") else text in line
+
+
 def resolve(name: str, path: Path, old: int | None = None) -> int | None:
     """The line that `name` points at in `path`: its definition, or else the line containing it that is
     nearest to `old` (the first one without `old`)."""
@@ -327,7 +343,7 @@ def resolve(name: str, path: Path, old: int | None = None) -> int | None:
     if name.rstrip("()") in found:
         return found[name.rstrip("()")]
     lines = path.read_text().splitlines()
-    hits = [i + 1 for i, line in enumerate(lines) if name in line]
+    hits = [i + 1 for i, line in enumerate(lines) if text_at(line, name)]
     if not hits:
         return None
     return min(hits, key=lambda i: abs(i - old)) if old is not None else hits[0]
@@ -342,15 +358,15 @@ def line_link_problems(repo: Path = REPO) -> list[str]:
                 where = f"{doc.relative_to(repo)}:{number}"
                 named = LINE_LINK.fullmatch(match.group(0))
                 if named is None:
-                    problems.append(f"{where}: {match.group(0)} does not name what it points at ([`name`](...))")
+                    problems.append(f"{where}: {match.group(0)} does not name what it points at ([... `name`](...))")
                     continue
-                name, target, line = named.group(1), (doc.parent / named.group(2)).resolve(), int(named.group(3))
+                name, target, line = named.group(2), (doc.parent / named.group(3)).resolve(), int(named.group(4))
                 if not target.is_file():
-                    problems.append(f"{where}: {named.group(2)} does not exist")
+                    problems.append(f"{where}: {named.group(3)} does not exist")
                     continue
                 lines = target.read_text().splitlines()
                 found = definitions(target).get(name.rstrip("()"))
-                ok = line == found if found is not None else 0 < line <= len(lines) and name in lines[line - 1]
+                ok = line == found if found is not None else 0 < line <= len(lines) and text_at(lines[line - 1], name)
                 if not ok:
                     problems.append(f"{where}: line {line} of {target.name} is not `{name}`")
     return problems
@@ -363,18 +379,19 @@ def update_line_numbers(repo: Path = REPO) -> list[str]:
         original = doc.read_text()
 
         def fix(match: re.Match, doc=doc) -> str:
-            name, target, old = match.group(1), (doc.parent / match.group(2)).resolve(), int(match.group(3))
+            prefix, name, path = match.group(1), match.group(2), match.group(3)
+            target, old = (doc.parent / path).resolve(), int(match.group(4))
             lines = target.read_text().splitlines() if target.is_file() else []
             found = definitions(target).get(name.rstrip("()")) if lines else None
-            if found is None and lines and 0 < old <= len(lines) and name in lines[old - 1]:
+            if found is None and lines and 0 < old <= len(lines) and text_at(lines[old - 1], name):
                 return match.group(0)  # a plain-text anchor that is still where it was
             new = found if found is not None else (resolve(name, target, old) if lines else None)
             if new is None:
-                changes.append(f"{doc.relative_to(repo)}: `{name}` not found in {match.group(2)}: fix by hand")
+                changes.append(f"{doc.relative_to(repo)}: `{name}` not found in {path}: fix by hand")
                 return match.group(0)
             if new != old:
-                changes.append(f"{doc.relative_to(repo)}: `{name}` {match.group(2)} L{old} -> L{new}")
-            return f"[`{name}`]({match.group(2)}#L{new})"
+                changes.append(f"{doc.relative_to(repo)}: `{name}` {path} L{old} -> L{new}")
+            return f"[{prefix}`{name}`]({path}#L{new})"
 
         updated = LINE_LINK.sub(fix, original)
         if updated != original:
