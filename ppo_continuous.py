@@ -37,6 +37,7 @@ zero reward); on time-limit truncation the bootstrap value is V(final_obs), on t
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import json
@@ -56,7 +57,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import gymnasium as gym
-import mujoco
 import numpy as np
 import torch
 import torch.nn as nn
@@ -167,7 +167,8 @@ def mujoco_warning(text: str) -> None:
         print(f"WARNING: {text}\n", file=sys.stderr)
 
 
-mujoco.set_mju_user_warning(mujoco_warning)
+with contextlib.suppress(ImportError):  # only the MuJoCo envs need mujoco (check_env names its install command)
+    importlib.import_module("mujoco").set_mju_user_warning(mujoco_warning)
 
 
 def make_vector_env(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
