@@ -16,8 +16,9 @@ Proximal Policy Optimization (Schulman et al. 2017, arXiv:1707.06347) with Gener
 Estimation (Schulman et al. 2015, arXiv:1506.02438) for the Atari 2600 games of ale-py, with the Nature CNN
 of DQN (Mnih et al. 2015, Nature 518) shared by actor and critic. Defaults: the usual Atari settings (8 envs,
 128-step rollouts, 4 epochs of 4 minibatches, clip 0.1); each Atari detail of "The 37 Implementation Details
-of PPO" (Huang et al., ICLR blog track 2022) is named in a comment. Read Args, ENVIRONMENT, NETWORK, ALGORITHM
-and train(): that is all of PPO. Below the PLUMBING banner: run folder, logs, checkpoints, evaluation, checks,
+of PPO" (Huang et al., ICLR blog track 2022) is named in a comment, with its number in the blog's lists ("core
+detail 4", "Atari detail 1", "situational detail 3"). Read Args, ENVIRONMENT, NETWORK, ALGORITHM and train(): that
+is all of PPO. Below the PLUMBING banner: run folder, logs, checkpoints, evaluation, checks,
 torchrun.
 
     python ppo_atari.py --env-id BreakoutNoFrameskip-v4 --total-timesteps 10000000   # train; --help for all flags
@@ -32,12 +33,12 @@ shared CNN, pixels kept uint8 until the network divides by 255, many envs with s
 (by default on CPUs with native bfloat16; --bf16 / --no-bf16), torchrun.
 
 Two env paths, one semantics: `--env-backend ale_vector` (default, fast: ale-py's C++ preprocessing) and
-`--env-backend gymnasium` (readable: each Atari detail a short named wrapper). A game starts after 0-29 random
-no-op frames on the fast path and 1-30 on the readable one; then, in games that have FIRE, FIRE is pressed for
-one step, as after every lost life. A lost life ends the learning episode (bootstrap value 0) but not the game;
-the return reported everywhere is the full game's unclipped score. NoFrameskip-v4 ids have no sticky actions; v5 ids keep theirs
-(repeat probability 0.25, Machado et al. 2018, arXiv:1709.06009); either way max-and-skip 4 replaces their
-frameskip.
+`--env-backend gymnasium` (readable: each Atari detail a short named wrapper). On both, a game starts after 0-29
+random no-op frames (the range ale-py's C++ draws from); then, in games that have FIRE, FIRE is pressed for one
+step, as after every lost life. The frame stack is oldest first on both. A lost life ends the learning episode
+(bootstrap value 0) but not the game; the return reported everywhere is the full game's unclipped score.
+NoFrameskip-v4 ids have no sticky actions; v5 ids keep theirs (repeat probability 0.25, Machado et al. 2018,
+arXiv:1709.06009); either way max-and-skip 4 replaces their frameskip.
 
 gymnasium 1.x, on purpose: the vector env autoresets in SAME_STEP mode, so the step that ends an episode
 already returns the next episode's first observation and the true final one arrives in
@@ -95,7 +96,7 @@ class Args:
     num_steps: int = 128
     """the number of steps each env runs per rollout (a rollout has num_envs * num_steps steps)"""
     anneal_lr: bool = True
-    """anneal the learning rate linearly to 0 over the run"""
+    """anneal the learning rate linearly: iteration i of N uses lr * (1 - (i - 1) / N), the last one lr / N"""
     gamma: float = 0.99
     """the discount factor gamma"""
     gae_lambda: float = 0.95
@@ -132,8 +133,9 @@ class Args:
     """keep the CNN's weights and activations in channels-last (NHWC) layout: same math, faster on CPU"""
     bf16: bool = field(default_factory=lambda: cpu_has_native_bf16())
     """run the network's forward passes (rollout and update alike) and the backward pass under bfloat16 autocast
-    (weights and Adam stay float32); default: on where training runs on a CPU with native bfloat16 (AVX512-BF16
-    or AMX, detected), off elsewhere (slow where the CPU emulates bfloat16; on GPUs not measured yet)"""
+    (weights and Adam stay float32); default: on where the machine has no GPU and its CPU has native bfloat16
+    (AVX512-BF16 or AMX, detected), off elsewhere, also with --no-cuda on a machine with a GPU (add --bf16 there);
+    slow where the CPU emulates bfloat16; on GPUs not measured yet"""
     exp_name: str = SCRIPT_NAME
     """the name of this experiment: the first part of the run name `runs/<exp_name>__<env>__<seed>__<time>`"""
     runs_dir: str = "runs"
@@ -156,7 +158,8 @@ class Args:
     eval_stochastic: bool = True
     """evaluate with sampled actions (a greedy argmax policy can get stuck repeating itself up to the time limit)"""
     capture_video: bool = False
-    """record MP4 videos of the evaluation episodes into `<run>/videos` (needs moviepy)"""
+    """record MP4 videos of the evaluation episodes into `<run>/videos` (needs moviepy); the games are then played
+    on the readable env path, the only one that renders frames, with the fast path's preprocessing and no-op range"""
 
     @property
     def batch_size(self) -> int:
@@ -203,9 +206,10 @@ def game_settings(env_id: str) -> dict:
 
 
 class NoopReset(gym.Wrapper):
-    """NoopResetEnv (detail 1 of the Atari details of Huang et al.): a new game starts after 1 to
-    noop_max random no-op frames (this wrapper sits under the frame skip), so that the games do not
-    all start from the same state (Mnih et al. 2015)."""
+    """NoopResetEnv (Atari detail 1 of Huang et al.): a new game starts after 0 to noop_max - 1 random
+    no-op frames (this wrapper sits under the frame skip), so that the games do not all start from the
+    same state (Mnih et al. 2015). The range is the fast path's (ale-py's C++ draws 0 to noop_max - 1),
+    so both paths play the same distribution of starts; the reference's NoopResetEnv draws 1 to noop_max."""
 
     def __init__(self, env: gym.Env, noop_max: int = 30):
         super().__init__(env)
@@ -213,7 +217,7 @@ class NoopReset(gym.Wrapper):
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
-        for _ in range(self.unwrapped.np_random.integers(1, self.noop_max + 1)):
+        for _ in range(self.unwrapped.np_random.integers(0, self.noop_max)):  # 0 to noop_max - 1, as ale-py's C++
             obs, _, terminated, truncated, info = self.env.step(0)  # action 0 is NOOP in ALE's sets
             if terminated or truncated:
                 obs, info = self.env.reset()
@@ -221,7 +225,7 @@ class NoopReset(gym.Wrapper):
 
 
 class MaxAndSkip(gym.Wrapper):
-    """MaxAndSkipEnv (detail 2): each action is repeated for `skip` frames and their rewards summed;
+    """MaxAndSkipEnv (Atari detail 2): each action is repeated for `skip` frames and their rewards summed;
     the observation is the pixel-wise max of the last two frames, because some sprites are drawn
     only every other frame and the max keeps them visible."""
 
@@ -241,7 +245,7 @@ class MaxAndSkip(gym.Wrapper):
 
 
 class EpisodicLife(gym.Wrapper):
-    """EpisodicLifeEnv (detail 3): a lost life ends the episode for learning (terminated=True,
+    """EpisodicLifeEnv (Atari detail 3): a lost life ends the episode for learning (terminated=True,
     bootstrap value 0) but not the game (Mnih et al. 2015): the vector env then calls reset(), which
     right after a lost life returns the last observation, so play goes on from there, and otherwise
     (game over, time limit, a first or seeded reset) starts a new game."""
@@ -268,7 +272,7 @@ class EpisodicLife(gym.Wrapper):
 
 
 class FireReset(gym.Wrapper):
-    """FireResetEnv (detail 4): press FIRE after every reset. This wrapper sits outside
+    """FireResetEnv (Atari detail 4): press FIRE after every reset. This wrapper sits outside
     EpisodicLife, as in the reference, so a reset means the start of a game or a lost life, and FIRE
     is pressed after both: Breakout serves no ball until it is, and an agent that has not learned
     that yet would idle until the time limit. The press is part of the reset, never a step the
@@ -288,7 +292,7 @@ class FireReset(gym.Wrapper):
 
 
 class ClipReward(gym.RewardWrapper):
-    """ClipRewardEnv (detail 6): the learner gets the sign of each reward, -1, 0 or +1, so that one
+    """ClipRewardEnv (Atari detail 6): the learner gets the sign of each reward, -1, 0 or +1, so that one
     set of hyperparameters fits games whose scores differ by orders of magnitude (Mnih et al. 2015)."""
 
     def reward(self, reward):
@@ -305,11 +309,12 @@ def make_atari_env(env_id: str, video_dir: Path | None = None) -> gym.Env:
         env = gym.wrappers.RecordVideo(env, str(video_dir), episode_trigger=lambda _: True)
     env = NoopReset(env, noop_max=30)
     env = MaxAndSkip(env, skip=4)
-    # WarpFrame (detail 5): 84x84 gray (gray from the emulator above), INTER_AREA as in ale-py's C++.
+    # WarpFrame (Atari detail 5): 84x84 gray (gray from the emulator above), INTER_AREA as in ale-py's C++.
     env = gym.wrappers.ResizeObservation(env, (84, 84))
-    # FrameStack (detail 7): (4, 84, 84), oldest frame first, zeros before the first frame, as in
-    # ale-py's vector env. Inside EpisodicLife (the reference has it outermost), so that a lost life
-    # does not empty the stack: the game goes on, and so does its picture.
+    # FrameStack (Atari detail 7): (4, 84, 84), oldest frame first: obs[0] is 3 steps old, obs[3] the newest;
+    # zeros before the first frame, as in ale-py's vector env (tested on both paths). Inside EpisodicLife (the
+    # reference has it outermost), so that a lost life does not empty the stack: the game goes on, and so does
+    # its picture.
     env = gym.wrappers.FrameStackObservation(env, 4, padding_type="zero")
     # Inside EpisodicLife, so it sees whole games: the full-game, unclipped score and its length.
     env = gym.wrappers.RecordEpisodeStatistics(env)
@@ -327,13 +332,14 @@ class AleVectorEnv(gym.vector.VectorEnv):
     stepped alone, which pressing FIRE after a lost life needs (ale-py's own options cannot: its
     `episodic_life` restarts the whole game on a lost life, its `use_fire_reset` presses FIRE at the
     start of a game only). The C++ side does no-op reset, max-and-skip 4, 84x84 gray and the stack
-    of 4, and reports a lost life as terminated=True with the game going on (`life_loss_info`,
-    detail 3). This class adds what the readable path's outer wrappers add:
-    - FIRE (detail 4) in each env whose episode ended (lost life or new game), before the agent
+    of 4 (oldest frame first, as on the readable path: obs[:, 0] is 3 steps old, obs[:, 3] the newest), and
+    reports a lost life as terminated=True with the game going on (`life_loss_info`, Atari detail 3). This class
+    adds what the readable path's outer wrappers add:
+    - FIRE (Atari detail 4) in each env whose episode ended (lost life or new game), before the agent
       sees its next observation: the press is part of the reset, never a step of the rollout;
     - each finished game's full, unclipped score and length in info["final_info"]["episode"], as
       RecordEpisodeStatistics reports them, and the true last observation in info["final_obs"];
-    - sign-clipped rewards (detail 6).
+    - sign-clipped rewards (Atari detail 6).
     """
 
     def __init__(self, settings: dict, num_envs: int):
@@ -445,18 +451,18 @@ def finished_games(info: dict) -> list[tuple[float, int]]:
 
 
 def layer_init(layer: nn.Module, std: float = math.sqrt(2), bias_const: float = 0.0) -> nn.Module:
-    """Orthogonal weights with gain `std`, constant bias (implementation detail 2 of Huang et al.)."""
+    """Orthogonal weights with gain `std`, constant bias (core detail 2 of Huang et al.)."""
     nn.init.orthogonal_(layer.weight, std)
     nn.init.constant_(layer.bias, bias_const)
     return layer
 
 
 class Agent(nn.Module):
-    """The Nature CNN (Mnih et al. 2015) shared by a categorical actor head and a value head.
+    """The Nature CNN (Mnih et al. 2015) shared by a categorical actor head and a value head (Atari detail 8).
 
     Gains: sqrt(2) for the hidden layers, 0.01 for the policy head (near-uniform initial policy),
-    1.0 for the value head. Pixels arrive as uint8 and are scaled to [0, 1] here, so the rollout
-    buffer holds 1 byte per pixel instead of 4.
+    1.0 for the value head. Pixels arrive as uint8 and are scaled to [0, 1] here (Atari detail 9), so the
+    rollout buffer holds 1 byte per pixel instead of 4. The 4 channels are the frame stack, oldest first.
     """
 
     def __init__(self, num_actions: int, channels_last: bool = True, bf16: bool = False):
@@ -613,7 +619,8 @@ def compute_gae(rewards, values, next_values, terminations, episode_ends, gamma:
 def ppo_loss(new_logprobs, old_logprobs, entropy, new_values, old_values, advantages, returns, args: Args):
     """The PPO objective on one minibatch (all inputs (B,)); returns (loss to minimize, statistics).
 
-    loss = L^CLIP + vf_coef * L^VF - ent_coef * entropy, eq. 9 of arXiv:1707.06347 (negated).
+    loss = -L^CLIP + vf_coef * L^VF - ent_coef * S: eq. 9 of arXiv:1707.06347, L^CLIP - c1 L^VF + c2 S, is
+    maximized; this is its negation, minimized (L^VF here is half the squared error, optionally clipped).
     """
     logratio = new_logprobs - old_logprobs
     ratio = logratio.exp()  # pi_new(a|s) / pi_old(a|s)
@@ -688,7 +695,7 @@ def update_policy(agent: Agent, optimizer, rollout: Rollout, advantages, returns
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value
             num_minibatch_updates += 1
-        # Early stop on the KL of the last minibatch of the epoch (implementation detail 12), averaged
+        # Early stop on the KL of the last minibatch of the epoch (situational detail 3 of Huang et al.), averaged
         # over processes so that all of them stop at the same epoch.
         if args.target_kl is not None and mean_over_processes(stats["approx_kl"]).item() > args.target_kl:
             break
@@ -708,7 +715,7 @@ def train(args: Args) -> dict:
     with Run(args) as run:  # checks args; sets up seeding, device, torchrun, run folder, logs, checkpoints, Ctrl-C
         envs = run.watch(make_vector_env(args.env_id, args.num_envs // run.world_size, args.env_backend))
         agent = Agent(int(envs.single_action_space.n), args.channels_last, args.bf16).to(run.device)
-        # Adam with eps 1e-5 (detail 3: PPO2's value, not torch's 1e-8); the fused kernel is the same math, faster.
+        # Adam with eps 1e-5 (core detail 3: PPO2's value, not torch's 1e-8); the fused kernel is the same math, faster.
         optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
         start_iteration = run.restore(agent, optimizer)  # 1, or where --resume left off
         # Env i of process r starts from seed + r * its num_envs + i (+ an offset when resuming).
@@ -716,7 +723,7 @@ def train(args: Args) -> dict:
         next_obs = torch.as_tensor(envs.reset(seed=env_seed)[0], device=run.device)
 
         for iteration in range(start_iteration, args.num_iterations + 1):
-            if args.anneal_lr:  # linear annealing of the learning rate to 0 (detail 4)
+            if args.anneal_lr:  # linear annealing (core detail 4): from lr at the first iteration to lr / N at the last
                 optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
 
             # COLLECT TRAJECTORIES
@@ -1055,6 +1062,8 @@ def evaluate_checkpoint(path: str, args: Args) -> dict:
     if backend == "gymnasium":
         require_module("cv2", "the gymnasium wrapper stack", "opencv-python-headless")
     video_dir = Path(path).parent / "videos" if args.capture_video else None
+    if video_dir is not None and backend != "gymnasium":
+        print(f"videos: the games are played on the readable env path, which renders frames ({backend}'s semantics)")
     returns = evaluate(
         agent, checkpoint["env_id"], backend, args.eval_episodes, args.seed, args.eval_stochastic, video_dir
     )
@@ -1208,9 +1217,11 @@ def select_device(args: Args) -> torch.device:
 
 
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """--bf16's default: True when no GPU will be used and the CPU computes bfloat16 natively (the Linux CPU
-    flags avx512_bf16 or amx_bf16). There the update is about a third faster and learning is unchanged
-    (README); a CPU without them emulates bfloat16, slower than float32. Elsewhere than Linux: False."""
+    """--bf16's default: True when the machine has no GPU (torch.cuda.is_available() is False) and the CPU
+    computes bfloat16 natively (the Linux CPU flags avx512_bf16 or amx_bf16). There the update is about a third
+    faster and learning is unchanged (docs/ppo_atari.md); a CPU without them emulates bfloat16, slower than float32.
+    The default is decided before the flags are read, so --no-cuda on a machine with a GPU trains in float32
+    unless --bf16 is given. Elsewhere than Linux: False."""
     if torch.cuda.is_available() or not cpuinfo.exists():
         return False
     flags = cpuinfo.read_text().split()

@@ -15,7 +15,8 @@ Proximal Policy Optimization (Schulman et al. 2017, arXiv:1707.06347) with Gener
 Estimation (Schulman et al. 2015, arXiv:1506.02438) for any gymnasium env with a `Box` action space
 (MuJoCo v4/v5, Pendulum, ...). Defaults: the usual MuJoCo settings (1 env, 2048-step rollouts, 10 epochs
 of 32 minibatches); each continuous-control detail of "The 37 Implementation Details of PPO" (Huang et
-al., ICLR blog track 2022) is named in a comment. Read Args, ENVIRONMENT, NETWORK, ALGORITHM and
+al., ICLR blog track 2022) is named in a comment, with its number in the blog's lists ("core detail 4",
+"continuous detail 8", "situational detail 3"). Read Args, ENVIRONMENT, NETWORK, ALGORITHM and
 train(): that is all of PPO. Below the PLUMBING banner: run folder, logs, checkpoints, evaluation, checks.
 
     python ppo_continuous.py --env-id Hopper-v4 --total-timesteps 1000000    # train; --help for all flags
@@ -36,6 +37,7 @@ zero reward); on time-limit truncation the bootstrap value is V(final_obs), on t
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import json
@@ -48,6 +50,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -79,7 +82,7 @@ class Args:
     num_steps: int = 2048
     """the number of steps each env runs per rollout (a rollout has num_envs * num_steps steps)"""
     anneal_lr: bool = True
-    """anneal the learning rate linearly to 0 over the run"""
+    """anneal the learning rate linearly: iteration i of N uses lr * (1 - (i - 1) / N), the last one lr / N"""
     gamma: float = 0.99
     """the discount factor gamma"""
     gae_lambda: float = 0.95
@@ -140,7 +143,8 @@ class Args:
     """also save the checkpoint every N iterations (0: only at the end and on interruption)"""
     resume: str | None = None
     """continue the run of this checkpoint with its saved settings (only the flags of logging, saving,
-    evaluation and device may differ); the environments start new episodes"""
+    evaluation and device may differ); the environments start new episodes, so each env's discounted return
+    of the reward scaling starts at 0 again (its running std is restored)"""
     eval_checkpoint: str | None = None
     """do not train: evaluate this checkpoint (its env, frozen normalization statistics) and exit"""
     eval_episodes: int = 10
@@ -165,9 +169,25 @@ class Args:
 
 # ENVIRONMENT
 
+# Two library warnings the user can do nothing about, each printed every time an env is made. The v4 MuJoCo
+# envs are the default on purpose (the published reference figures are for v4; v5 works too): gymnasium's
+# "out of date" notice says nothing new. Their model files, inside gymnasium, use MuJoCo's deprecated
+# `settotalmass`: MuJoCo prints that from C, through a handler that mujoco_warning replaces.
+warnings.filterwarnings("ignore", message=r".*The environment \S+-v4 is out of date", category=DeprecationWarning)
+
+
+def mujoco_warning(text: str) -> None:
+    """MuJoCo's warnings, printed as MuJoCo prints them, except the `settotalmass` one (see above)."""
+    if "'settotalmass' is deprecated" not in text:
+        print(f"WARNING: {text}\n", file=sys.stderr)
+
+
+with contextlib.suppress(ImportError):  # only the MuJoCo envs need mujoco (check_env names its install command)
+    importlib.import_module("mujoco").set_mju_user_warning(mujoco_warning)
+
 
 def make_vector_env(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
-    """num_envs copies of env_id, stepped in this process (vectorized envs: detail 1 of Huang et al.).
+    """num_envs copies of env_id, stepped in this process (vectorized envs: core detail 1 of Huang et al.).
 
     SAME_STEP autoreset: when an episode ends, step() already returns the reset observation and puts
     the true last observation into info["final_obs"], so every step of the rollout is a real
@@ -202,7 +222,8 @@ class RunningMeanStd:
 
 
 class ObservationNormalizer:
-    """(obs - mean) / std clipped to [-10, 10], with ONE running mean/std shared by all envs.
+    """(obs - mean) / std clipped to [-10, 10], with ONE running mean/std shared by all envs (continuous
+    details 6 and 7 of Huang et al.: observation normalization and clipping).
 
     The statistics are part of the model: they are saved in the checkpoint and evaluation uses them
     frozen (update=False). A policy fed unnormalized or re-normalized observations is a different,
@@ -224,7 +245,8 @@ class ObservationNormalizer:
 
 
 class RewardScaler:
-    """Divide rewards by the std of the discounted return, clip to [-10, 10] (as in PPO2's VecNormalize).
+    """Divide rewards by the std of the discounted return, clip to [-10, 10] (as in PPO2's VecNormalize;
+    continuous details 8 and 9 of Huang et al.: reward scaling and clipping).
 
     The mean is not subtracted: shifting rewards would change which policy is optimal.
     One running std is shared by all envs; each env keeps its own discounted return. With enabled=False
@@ -251,14 +273,15 @@ class RewardScaler:
 
 
 def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
-    """Orthogonal weights with gain `std`, constant bias (implementation detail 2 of Huang et al.)."""
+    """Orthogonal weights with gain `std`, constant bias (core detail 2 of Huang et al.)."""
     nn.init.orthogonal_(layer.weight, std)
     nn.init.constant_(layer.bias, bias_const)
     return layer
 
 
 class Agent(nn.Module):
-    """Separate 64-64 tanh actor and critic; Gaussian policy with a state-independent log-std.
+    """Separate 64-64 tanh actor and critic; Gaussian policy with a state-independent log-std (continuous
+    details 4, 1 and 2 of Huang et al.; the log-prob sums over independent action dimensions: detail 3).
 
     Gains: sqrt(2) for hidden layers, 0.01 for the policy head (initial actions near 0 whatever the
     observation), 1.0 for the value head. The log-std is a free parameter starting at 0 (std 1).
@@ -353,7 +376,7 @@ def collect_rollout(envs, agent: Agent, obs_normalizer, reward_scaler, next_obs:
         action = agent.get_action(torch.as_tensor(next_obs, device=device))
         actions.append(action)
         # The buffer keeps the raw Gaussian sample (its log-prob is the one we train on); the env gets it
-        # clipped to the action bounds (detail "continuous actions via normal distributions", clipping).
+        # clipped to the action bounds (continuous detail 5 of Huang et al.).
         env_action = np.clip(action.cpu().numpy(), action_space.low, action_space.high)
         raw_obs, reward, terminated, truncated, info = envs.step(env_action)
         ended = terminated | truncated
@@ -527,7 +550,7 @@ def update_policy(agent: Agent, optimizer, rollout: Rollout, advantages, returns
             ratio_max = torch.maximum(ratio_max, stats["ratio_max"])  # the extremes over all minibatches
             ratio_min = torch.minimum(ratio_min, stats["ratio_min"])
             num_minibatch_updates += 1
-        # Early stop on the KL of the last minibatch of the epoch (implementation detail 12).
+        # Early stop on the KL of the last minibatch of the epoch (situational detail 3 of Huang et al.).
         if args.target_kl is not None and stats["approx_kl"].item() > args.target_kl:
             break
     # Averages over all minibatches; the KL as seen on the last one; what the critic explains.
@@ -550,7 +573,7 @@ def train(args: Args) -> dict:
         envs = run.watch(make_vector_env(args.env_id, args.num_envs))
         obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
         agent = Agent(obs_dim, action_dim, args.ortho_init).to(run.device)
-        # Adam with eps 1e-5 (detail 3: PPO2's value, not torch's 1e-8); the fused kernel is the same math, faster.
+        # Adam with eps 1e-5 (core detail 3: PPO2's value, not torch's 1e-8); the fused kernel is the same math, faster.
         optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
         obs_normalizer = ObservationNormalizer((obs_dim,), enabled=args.norm_obs)
         reward_scaler = RewardScaler(args.num_envs, args.gamma, enabled=args.norm_reward)
@@ -559,7 +582,7 @@ def train(args: Args) -> dict:
         next_obs = obs_normalizer(envs.reset(seed=args.seed + start_iteration - 1)[0])
 
         for iteration in range(start_iteration, args.num_iterations + 1):
-            if args.anneal_lr:  # linear annealing of the learning rate to 0 (detail 4)
+            if args.anneal_lr:  # linear annealing (core detail 4): from lr at the first iteration to lr / N at the last
                 optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
 
             # COLLECT TRAJECTORIES
@@ -660,8 +683,7 @@ class Run:
         agent.load_state_dict(c["model"])
         optimizer.load_state_dict(c["optimizer"])
         load_rms(obs_normalizer.rms, c["obs_rms"])
-        load_rms(reward_scaler.rms, c["return_rms"])
-        reward_scaler.discounted_return = c["discounted_return"].numpy().copy()
+        load_rms(reward_scaler.rms, c["return_rms"])  # each env's discounted return stays 0: new episodes begin
         kl_controller.value = c.get("kl_coef", self.args.kl_coef)  # the adaptive beta where the run stopped
         set_rng_states(c["rng"])
         self.iteration = self.saved_iteration = c["iteration"]
@@ -832,8 +854,7 @@ def save_checkpoint(path: Path, agent, optimizer, obs_normalizer, reward_scaler,
     checkpoint = {
         "script": SCRIPT_NAME, "env_id": args.env_id, "args": asdict(args), "model": agent.state_dict(),
         "optimizer": optimizer.state_dict(), "obs_rms": rms_state(obs_normalizer.rms),
-        "return_rms": rms_state(reward_scaler.rms),
-        "discounted_return": torch.as_tensor(reward_scaler.discounted_return), "kl_coef": kl_controller.value,
+        "return_rms": rms_state(reward_scaler.rms), "kl_coef": kl_controller.value,
         "rng": rng_states(), "global_step": global_step, "iteration": iteration,
     }  # fmt: skip
     tmp_path = path.with_suffix(".tmp")

@@ -90,7 +90,7 @@ class Args:
     learning_rate: float = 3e-4
     """the learning rate of the Adam optimizer (policy and critic)"""
     anneal_lr: bool = True
-    """anneal the learning rate linearly to 0 over the run"""
+    """anneal the learning rate linearly: iteration i of N uses lr * (1 - (i - 1) / N), the last one lr / N"""
     num_minibatches: int = 4
     """the number of minibatches each rollout is split into"""
     update_epochs: int = 4
@@ -611,7 +611,8 @@ def ppo_loss(new_logprobs, old_logprobs, entropy, new_values, old_values, advant
     """The PPO objective on one minibatch of tokens (all inputs (B, R), averaged over mask == 1); returns
     (loss to minimize, statistics).
 
-    loss = L^CLIP + vf_coef * L^VF - ent_coef * entropy, eq. 9 of arXiv:1707.06347 (negated).
+    loss = -L^CLIP + vf_coef * L^VF - ent_coef * S: eq. 9 of arXiv:1707.06347, L^CLIP - c1 L^VF + c2 S, is
+    maximized; this is its negation, minimized (L^VF here is half the squared error, optionally clipped).
     new_values / old_values are None without a critic (grpo, rloo): no value loss.
     """
     logratio = (new_logprobs - old_logprobs) * mask
@@ -796,7 +797,7 @@ def update_policy(policy, critic, optimizer, rollout: Rollout, args: Args) -> di
             nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # one global norm, all weights
             optimizer.step()
             history.append(stats)
-        # Early stop on the KL of the last minibatch of the epoch (implementation detail 12 of Huang et al.).
+        # Early stop on the KL of the last minibatch of the epoch (situational detail 3 of Huang et al. 2022).
         if args.target_kl is not None and stats["approx_kl"].item() > args.target_kl:
             break
     keys = list(history[0])
@@ -833,7 +834,7 @@ def train(args: Args) -> dict:
         run.begin_ppo(policy, reference, reward_model, kl_controller)  # evaluates the SFT policy first
 
         for iteration in range(1, args.num_iterations + 1):
-            if args.anneal_lr:  # linear annealing of the learning rate to 0
+            if args.anneal_lr:  # linear annealing (core detail 4 of Huang et al. 2022): lr first, lr / N last
                 optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
 
             # COLLECT TRAJECTORIES: num_prompts prompts, each repeated samples_per_prompt times (rows of a

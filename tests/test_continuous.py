@@ -733,6 +733,24 @@ def test_interrupted_run_saves_and_resumes_to_the_end(tmp_path):
     assert all(torch.isfinite(p).all() for p in agent.parameters())
 
 
+def test_the_first_run_shows_no_library_warning_the_user_can_do_nothing_about(tmp_path):
+    # The default env (HalfCheetah-v4) is made three times (check, training, evaluation); each used to print
+    # gymnasium's "out of date" notice for v4 and MuJoCo's `settotalmass` deprecation before the progress line.
+    result = run_cli("--total-timesteps", "2048", "--eval-episodes", "1", "--runs-dir", str(tmp_path), "--no-cuda")
+    assert result.returncode == 0, result.stderr
+    assert "done: 2,048 steps" in result.stdout
+    assert "out of date" not in result.stderr and "settotalmass" not in result.stderr, result.stderr
+    assert "Warning" not in result.stderr and "WARN" not in result.stderr, result.stderr
+
+
+def test_other_mujoco_warnings_are_still_printed(capsys):
+    pc.mujoco_warning("Nan, Inf or huge value in QACC at DOF 0. The simulation is unstable.")
+    pc.mujoco_warning("compiler attribute 'settotalmass' is deprecated and will be removed in a future release")
+    assert (
+        capsys.readouterr().err == "WARNING: Nan, Inf or huge value in QACC at DOF 0. The simulation is unstable.\n\n"
+    )
+
+
 def diverge_at_iteration(monkeypatch, bad_iteration):
     """From bad_iteration on, the update starts from NaN weights, so its loss is NaN."""
     real_update, calls = pc.update_policy, []
@@ -800,7 +818,6 @@ def test_resume_restores_everything_and_drops_the_logs_past_the_checkpoint(tmp_p
     assert all(torch.equal(checkpoint_a["model"][k], checkpoint_b["model"][k]) for k in checkpoint_a["model"])
     assert summary_a["mean_return"] == summary_b["mean_return"]
     assert summary_a["eval_return_mean"] == summary_b["eval_return_mean"]
-    assert checkpoint_a["discounted_return"].shape == (1,) and checkpoint_a["discounted_return"].abs().sum() > 0
     # ... because the python, numpy and torch random states are those of the moment of the save.
     for torch_state, numpy_state, python_state in rng_at_restore:
         assert torch.equal(torch_state, rng_at_save[2][0]) and (numpy_state == rng_at_save[2][1]).all()
@@ -815,6 +832,34 @@ def test_resume_restores_everything_and_drops_the_logs_past_the_checkpoint(tmp_p
     assert [e.step for e in events.Scalars("losses/policy_loss")] == [256, 512, 768, 1024]
     # The learning-rate schedule goes on where it stopped.
     assert [e.value for e in events.Scalars("charts/learning_rate")] == pytest.approx([3e-4, 2.25e-4, 1.5e-4, 0.75e-4])
+
+
+def test_resume_starts_each_envs_discounted_return_at_zero_and_keeps_the_running_std(tmp_path, monkeypatch):
+    # The envs start new episodes on resume, so the reward scaler's running discounted return of each env
+    # starts at 0, as at any episode start; the running std of that return is part of the model and goes on.
+    real_save, real_collect, saved, seen = pc.save_checkpoint, pc.collect_rollout, {}, []
+
+    def save_and_keep_a_copy(path, agent, optimizer, obs_normalizer, reward_scaler, *rest):
+        real_save(path, agent, optimizer, obs_normalizer, reward_scaler, *rest)
+        saved[rest[-1]] = (path.read_bytes(), reward_scaler.discounted_return.copy(), reward_scaler.rms.var)
+
+    def collect_and_look(envs, agent, obs_normalizer, reward_scaler, *rest):
+        seen.append((reward_scaler.discounted_return.copy(), reward_scaler.rms.var, reward_scaler.rms.count))
+        return real_collect(envs, agent, obs_normalizer, reward_scaler, *rest)
+
+    monkeypatch.setattr(pc, "save_checkpoint", save_and_keep_a_copy)
+    pc.train(tiny_args(tmp_path / "a", save_interval=1))
+    checkpoint_bytes, return_at_save, var_at_save = saved[3]
+    assert return_at_save[0] != 0.0  # mid-episode at the save: there is something to reset
+    folder = tmp_path / "resumed"
+    folder.mkdir()
+    (folder / "checkpoint.pt").write_bytes(checkpoint_bytes)
+    monkeypatch.setattr(pc, "collect_rollout", collect_and_look)
+    pc.train(tiny_args(tmp_path, resume=str(folder / "checkpoint.pt")))
+    discounted_return, var, count = seen[0]  # as the first rollout after the resume begins
+    assert discounted_return.tolist() == [0.0]
+    assert var == var_at_save and count == 3 * 256 + 1e-4  # the running std and its count, restored
+    assert "discounted_return" not in pc.load_checkpoint(str(folder / "checkpoint.pt"))
 
 
 def test_resume_refuses_other_settings(tmp_path):
