@@ -1014,7 +1014,7 @@ class Run:
         kept = f"the checkpoint of iteration {self.saved_iteration} is kept in {self.saved_checkpoint()}"
         kept = kept if self.saved_iteration and self.saved_checkpoint() else "nothing saved"
         if isinstance(self.error, OSError):  # the file the OS names, else the folder all the writes go to
-            return f"cannot write {self.error.filename or self.dir}: {self.error.strerror or self.error}; {kept}"
+            return f"cannot write {os.fsdecode(self.error.filename or self.dir)}: {self.error.strerror or self.error}; {kept}"
         return f"{self.error}; stopped after iteration {self.iteration}, {kept}"
 
     def close(self) -> None:
