@@ -787,7 +787,8 @@ class Run:
         if self.checkpoint is not None:
             check_resume_settings(args, self.checkpoint)
             if self.checkpoint["iteration"] >= args.num_iterations:
-                raise RunFinished(f"{args.resume} is a finished run ({args.num_iterations} iterations): nothing to do")
+                n = args.num_iterations
+                raise RunFinished(f"{args.resume} is a finished run (iteration {n} of {n}): nothing to do")
         self.args = args
         self.rank, self.world_size = int(os.environ.get("RANK", "0")), world_size_from_env()
         self.is_main = self.rank == 0
@@ -1014,7 +1015,8 @@ class Run:
         kept = f"the checkpoint of iteration {self.saved_iteration} is kept in {self.saved_checkpoint()}"
         kept = kept if self.saved_iteration and self.saved_checkpoint() else "nothing saved"
         if isinstance(self.error, OSError):  # the file the OS names, else the folder all the writes go to
-            return f"cannot write {os.fsdecode(self.error.filename or self.dir)}: {self.error.strerror or self.error}; {kept}"
+            where = os.fsdecode(self.error.filename or self.dir)  # TensorBoard names its file in bytes
+            return f"cannot write {where}: {self.error.strerror or self.error}; {kept}"
         return f"{self.error}; stopped after iteration {self.iteration}, {kept}"
 
     def close(self) -> None:

@@ -1251,7 +1251,8 @@ class Run:
         saved = self.saved_checkpoint()
         if isinstance(self.error, OSError):  # the file the OS names, else the folder all the writes go to
             kept = f"the policy is kept in {saved}" if saved else "nothing saved"
-            return f"cannot write {os.fsdecode(self.error.filename or self.dir)}: {self.error.strerror or self.error}; {kept}"
+            where = os.fsdecode(self.error.filename or self.dir)  # TensorBoard names its file in bytes
+            return f"cannot write {where}: {self.error.strerror or self.error}; {kept}"
         kept = f"the policy before that update is kept in {saved}" if saved else "nothing saved"
         return f"{self.error}; stopped, {kept}"
 

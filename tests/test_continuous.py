@@ -1036,6 +1036,6 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path):
     before = {path.name: path.read_bytes() for path in run_dir.iterdir()}
     result = run_cli("--resume", summary["checkpoint"], "--no-cuda")
     assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == (
-        f"{summary['checkpoint']} is a finished run (2 iterations): nothing to do"
+        f"{summary['checkpoint']} is a finished run (iteration 2 of 2): nothing to do"
     )
     assert {path.name: path.read_bytes() for path in run_dir.iterdir()} == before  # no new events, same summary
