@@ -48,9 +48,11 @@ zero reward); on time-limit truncation the bootstrap value is V(final_obs), on t
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import inspect
+import itertools
 import json
 import math
 import netrc
@@ -59,8 +61,10 @@ import random
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
+import typing
 from collections import deque
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -548,6 +552,7 @@ def collect_rollout(envs, agent: Agent, next_obs: torch.Tensor, num_steps: int):
     unavoidable ones: observation in, action out.
     """
     device = next(agent.parameters()).device
+    check_policy(agent, next_obs)  # NaN or infinite outputs stop the run here (TrainingDiverged), not in sampling
     obs, actions, logprobs, values, rewards, terminations, episode_ends = ([] for _ in range(7))  # one entry per step
     next_values = torch.zeros((num_steps, next_obs.shape[0]), device=device)  # filled only where truncated
     for step in range(num_steps):
@@ -749,20 +754,37 @@ def train(args: Args) -> dict:
 
 
 class ConfigError(ValueError):
-    """Bad input (flags, env, checkpoint): main() prints it as one line and exits with code 2."""
+    """Bad input (flags, env, checkpoint, a run folder that cannot be written): main() prints it as one line and
+    exits with code 2."""
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite: the run stops and keeps its last good checkpoint."""
+    """The loss, the weights or the policy's outputs became NaN or infinite: the run stops (exit code 1) and keeps
+    its last good checkpoint."""
+
+
+class StorageError(RuntimeError):
+    """Writing the checkpoint, summary.json or the TensorBoard events failed (disk full, folder gone): the run stops
+    with one line and exit code 1 (a failed run, as a diverged one), keeping what was saved before."""
+
+
+class RunFinished(Exception):
+    """--resume of a run that has done all its iterations: main() says so and exits with code 0, changing nothing."""
+
+
+# Each stops the run as Ctrl-C does; the exit code is 128 + the signal's number: 130, 143, 129.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class Run:
     """Everything around PPO for one training run, used as `with Run(args) as run:`.
 
     It owns the run folder, TensorBoard (and W&B with --track), the progress line, the time split,
-    the checkpoints (periodic, final, on Ctrl-C / SIGTERM; never after a NaN), the final evaluation and
-    summary.json, the dict train() returns. Ctrl-C or SIGTERM anywhere inside the block saves the last
-    completed iteration (if training was not finished), writes the summary and returns normally.
+    the checkpoints (periodic, final, on Ctrl-C / SIGTERM / SIGHUP; never from NaN weights), the final evaluation
+    and summary.json, the dict train() returns. A signal anywhere inside the block saves the last completed
+    iteration (if training was not finished), writes the summary and returns normally; signals that come during
+    that save are held (see _on_signal). A failed write (StorageError) or a divergence (TrainingDiverged) writes
+    the summary too and is raised again as one line.
     Under torchrun every process has one, and only rank 0's writes, logs, saves, evaluates and prints.
     """
 
@@ -771,26 +793,30 @@ class Run:
         self.checkpoint = load_checkpoint(args.resume, args.env_id) if args.resume else None
         if self.checkpoint is not None:
             check_resume_settings(args, self.checkpoint)
+            if self.checkpoint["iteration"] >= args.num_iterations:
+                n = args.num_iterations
+                raise RunFinished(f"{args.resume} is a finished run (iteration {n} of {n}): nothing to do")
         self.args = args
         self.rank, self.world_size = int(os.environ.get("RANK", "0")), world_size_from_env()
         self.is_main = self.rank == 0
         seed_everything(args.seed + self.rank, args.torch_deterministic)  # each process samples its own actions
         self.device = select_device(args)
-        if args.resume:  # a resumed run goes on writing into the folder of its checkpoint
-            self.dir = Path(args.resume).parent
+        name = f"{args.exp_name}__{args.env_id}__{args.seed}__{int(time.time())}"
+        # A resumed run goes on writing into the folder of its checkpoint; a new one gets a folder of its own
+        # (made by rank 0 alone: the other processes never write).
+        if args.resume or not self.is_main:
+            self.dir = Path(args.resume).parent if args.resume else Path(args.runs_dir) / name
         else:
-            self.dir = Path(args.runs_dir) / f"{args.exp_name}__{args.env_id}__{args.seed}__{int(time.time())}"
-        try:
-            if self.is_main:
-                self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"cannot create the run folder {self.dir}: {e.strerror}") from None
+            self.dir = make_run_dir(args.runs_dir, name)
+        if self.is_main:
+            check_writable(self.dir)
         self.checkpoint_path = self.dir / "checkpoint.pt"
         self.start_step = self.checkpoint["global_step"] if self.checkpoint else 0
         self.global_step, self.iteration, self.saved_iteration = self.start_step, 0, None
         self.episodes, self.recent_returns = 0, deque(maxlen=100)
         self.env_time = self.inference_time = self.update_time = 0.0
         self.status, self.stopped_by, self.training_done, self.summary = "completed", None, False, {}
+        self.error = None  # the OSError or TrainingDiverged that stopped the run
         start_distributed(self.device)  # torchrun: join the other processes
         if self.is_main:
             if args.track:
@@ -801,16 +827,30 @@ class Run:
             self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
 
     def __enter__(self) -> Run:
-        self.previous_sigterm = None
-        if threading.current_thread() is threading.main_thread():  # SIGTERM (cluster schedulers) as Ctrl-C
-            self.previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.signals, self.stopping, self.saving_on_stop, self.previous_handlers = [], False, False, {}
+        if threading.current_thread() is threading.main_thread():  # Python runs signal handlers there only
+            self.previous_handlers = {signum: signal.signal(signum, self._on_signal) for signum in STOP_SIGNALS}
+        self.previous_excepthook, threading.excepthook = threading.excepthook, self._on_thread_error
         self.start_time = self.last_print = time.time()
         self.iteration_start = time.perf_counter()
         return self
 
-    def _on_sigterm(self, signum, frame):
-        self.stopped_by = "SIGTERM"
-        raise KeyboardInterrupt
+    def _on_signal(self, signum, frame):
+        """Ctrl-C, SIGTERM (schedulers) and SIGHUP (a closed terminal) stop the run: the first one unwinds to
+        __exit__, which saves. Once a stop has begun, signals are held until the checkpoint and summary are
+        written; a third one abandons the checkpoint's save (the previous checkpoint stays: saves are atomic)."""
+        self.signals.append(signal.Signals(signum).name)
+        if not self.stopping:
+            self.stopping, self.stopped_by = True, self.signals[-1]
+            raise KeyboardInterrupt
+        if self.saving_on_stop and len(self.signals) >= 3:
+            raise KeyboardInterrupt
+
+    def _on_thread_error(self, args) -> None:
+        """The TensorBoard writer thread's OSError is raised again in the main thread at the next write, which
+        reports it in one line: no traceback from the thread as well."""
+        if not issubclass(args.exc_type, OSError):
+            self.previous_excepthook(args)
 
     def watch(self, envs: gym.vector.VectorEnv) -> gym.vector.VectorEnv:
         """Wrap the envs so the run sees each finished game and the time spent stepping them."""
@@ -838,10 +878,7 @@ class Run:
     def log(self, iteration: int, stats: dict) -> None:
         """Check the loss, then log the iteration's scalars under the tags of the popular single-file scripts."""
         if not math.isfinite(stats["loss"]):
-            kept = f"the checkpoint of iteration {self.saved_iteration} is kept" if self.saved_iteration else None
-            raise TrainingDiverged(
-                f"the loss became {stats['loss']} at iteration {iteration}; stopped, {kept or 'nothing saved'}"
-            )
+            raise TrainingDiverged(f"the loss became {stats['loss']} at iteration {iteration}")  # + the checkpoint kept
         self.iteration, self.global_step = iteration, iteration * self.args.batch_size
         # The time split: env.step() itself; inference is the rest of the rollout; the update (advantages
         # included) runs from the rollout's last env step to now.
@@ -888,6 +925,10 @@ class Run:
             self.save()
 
     def save(self) -> None:
+        """Write the checkpoint, never from NaN or infinite weights or action probabilities (TrainingDiverged; the
+        last good one stays): the probe is the first forward pass of the next rollout."""
+        check_finite("the weights", *self.model[0].parameters())
+        check_policy(self.model[0], self.envs.last_obs)
         if self.is_main:  # under torchrun every process holds the same model: rank 0 writes it
             save_checkpoint(self.checkpoint_path, *self.model, self.args, self.global_step, self.iteration)
         self.saved_iteration = self.iteration
@@ -903,19 +944,62 @@ class Run:
         self.writer.add_scalar("eval/episodic_return_mean", result["eval_return_mean"], self.global_step)
 
     def __exit__(self, exc_type, exc, traceback) -> bool:
-        if self.previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, self.previous_sigterm)
+        self.stopping = True  # from here on signals are held (_on_signal)
         if hasattr(self, "envs"):
             self.envs.close()
         if exc_type is KeyboardInterrupt:
             self.status, self.stopped_by = "interrupted", self.stopped_by or "SIGINT"
-            if hasattr(self, "model") and not self.training_done and self.iteration > 0:
-                self.save()
-            where = "in the final evaluation" if self.training_done else f"at step {self.global_step:,}"
-            if self.is_main:
-                print(f"interrupted ({self.stopped_by}) {where}; checkpoint: {self.saved_checkpoint()}", flush=True)
         elif exc_type is not None:
             self.status = "diverged" if exc_type is TrainingDiverged else "failed"
+        self.error = exc if isinstance(exc, (OSError, TrainingDiverged)) else None
+        # One guarded section for everything a stop writes: each write is tried even if one before it failed.
+        for write in (self.save_on_stop, self.flush_logs, self.write_summary):
+            try:
+                write()
+            except (OSError, TrainingDiverged) as e:  # a save refused from NaN weights is a TrainingDiverged
+                self.error = self.error or e
+                self.status = "diverged" if isinstance(self.error, TrainingDiverged) else "failed"
+        self.close()
+        if self.status == "interrupted" and self.is_main:
+            where = "in the final evaluation" if self.training_done else f"at step {self.global_step:,}"
+            aborted = f" ({self.summary['save_aborted']})" if "save_aborted" in self.summary else ""
+            print(f"interrupted ({self.stopped_by}) {where}; checkpoint: {self.saved_checkpoint()}{aborted}")
+        if isinstance(self.error, TrainingDiverged):
+            raise TrainingDiverged(self.error_message()) from None
+        if self.error is not None:
+            raise StorageError(self.error_message()) from None
+        if self.status == "completed" and exc_type is None and self.is_main:
+            s, n = self.summary, len(self.recent_returns)
+            training = f"{s['mean_return']:.1f} (last {n} episodes)" if n else "n/a (no episode finished)"
+            evaluation = f"{s['eval_return_mean']:.1f} +- {s['eval_return_std']:.1f}"
+            duration = format_duration(s["wall_time_s"])
+            print(f"done: {self.global_step:,} steps in {duration} ({s['sps']:.0f} SPS); training return {training} | "
+                  f"evaluation {evaluation} | {self.dir}")  # fmt: skip
+        return exc_type is KeyboardInterrupt  # handled: train() returns the summary
+
+    def save_on_stop(self) -> None:
+        """After a signal or a failed write, save the newest completed iteration if it is not saved yet. A third
+        signal abandons this save: the previous checkpoint is untouched and the summary says so."""
+        stop_saves = self.status == "interrupted" or isinstance(self.error, OSError)
+        if not stop_saves or not hasattr(self, "model") or self.training_done:
+            return
+        if self.iteration > (self.saved_iteration or 0):
+            self.saving_on_stop = True
+            try:
+                self.save()
+            except KeyboardInterrupt:
+                kept = f"iteration {self.saved_iteration}" if self.saved_checkpoint() else "nothing"
+                self.summary["save_aborted"] = f"a third signal stopped saving iteration {self.iteration}; kept: {kept}"
+            finally:
+                self.saving_on_stop = False
+
+    def flush_logs(self) -> None:
+        """Write the TensorBoard events out; raises the error of TensorBoard's writer thread, if it had one."""
+        if self.is_main:
+            self.writer.flush()
+
+    def write_summary(self) -> None:
+        """summary.json: the final figures (the dict train() returns), written atomically as the checkpoint."""
         wall_time = (self.training_end if self.training_done else time.time()) - self.start_time
         self.summary = {
             "script": SCRIPT_NAME, "env_id": self.args.env_id, "env_backend": self.args.env_backend,
@@ -928,23 +1012,34 @@ class Run:
         }  # fmt: skip
         if self.stopped_by:
             self.summary["stopped_by"] = self.stopped_by
-        end_distributed()
-        if not self.is_main:
-            return exc_type is KeyboardInterrupt
-        (self.dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
-        self.writer.close()
-        if self.args.track:
-            import wandb
+        if self.error is not None:
+            self.summary["error"] = self.error_message()
+        if self.is_main:
+            write_atomically(self.dir / "summary.json", lambda f: f.write(json.dumps(self.summary, indent=2).encode()))
 
-            wandb.finish()
-        if self.status == "completed" and exc_type is None:
-            s, n = self.summary, len(self.recent_returns)
-            training = f"{s['mean_return']:.1f} (last {n} episodes)" if n else "n/a (no episode finished)"
-            evaluation = f"{s['eval_return_mean']:.1f} +- {s['eval_return_std']:.1f}"
-            duration = format_duration(wall_time)
-            print(f"done: {self.global_step:,} steps in {duration} ({s['sps']:.0f} SPS); training return {training} | "
-                  f"evaluation {evaluation} | {self.dir}")  # fmt: skip
-        return exc_type is KeyboardInterrupt  # handled: train() returns the summary
+    def error_message(self) -> str:
+        """One line: what went wrong, where, and which checkpoint is kept."""
+        kept = f"the checkpoint of iteration {self.saved_iteration} is kept in {self.saved_checkpoint()}"
+        kept = kept if self.saved_iteration and self.saved_checkpoint() else "nothing saved"
+        if isinstance(self.error, OSError):  # the file the OS names, else the folder all the writes go to
+            where = os.fsdecode(self.error.filename or self.dir)  # TensorBoard names its file in bytes
+            return f"cannot write {where}: {self.error.strerror or self.error}; {kept}"
+        return f"{self.error}; stopped after iteration {self.iteration}, {kept}"
+
+    def close(self) -> None:
+        """Close TensorBoard and W&B, leave torchrun's process group; give back the signal handlers and the thread
+        excepthook."""
+        end_distributed()
+        if self.is_main:
+            with contextlib.suppress(OSError):  # a failed write is already recorded
+                self.writer.close()
+            if self.args.track:
+                import wandb
+
+                wandb.finish()
+        for signum, handler in self.previous_handlers.items():
+            signal.signal(signum, handler)
+        threading.excepthook = self.previous_excepthook
 
     def saved_checkpoint(self) -> str | None:
         return str(self.checkpoint_path) if self.is_main and self.checkpoint_path.exists() else None
@@ -963,6 +1058,7 @@ class EpisodeAndTimeMonitor(gym.vector.VectorWrapper):
         self.last_step_end = time.perf_counter()
         self.step_time += self.last_step_end - start
         self.episodes.extend(finished_games(info))
+        self.last_obs = obs  # what the next rollout starts from: Run.save() checks the policy on it
         return obs, reward, terminated, truncated, info
 
     def pop(self) -> tuple[list[tuple[float, int]], float]:
@@ -989,9 +1085,62 @@ def save_checkpoint(path: Path, agent, optimizer, args, global_step, iteration):
         "script": SCRIPT_NAME, "env_id": args.env_id, "args": asdict(args), "model": agent.state_dict(),
         "optimizer": optimizer.state_dict(), "rng": rng_states(), "global_step": global_step, "iteration": iteration,
     }  # fmt: skip
+    write_atomically(path, lambda f: torch.save(checkpoint, f))
+
+
+def write_atomically(path: Path, write) -> None:
+    """write(file) into path's .tmp, then rename it to path: a save that fails or is interrupted never destroys
+    the file saved before, and leaves no partial .tmp behind (a stale one from a killed process is overwritten).
+    torch.save gets a Python file so that a full disk is an OSError naming the file, not a RuntimeError."""
     tmp_path = path.with_suffix(".tmp")
-    torch.save(checkpoint, tmp_path)
-    os.replace(tmp_path, path)
+    try:
+        with open(tmp_path, "wb") as f:
+            write(f)
+        os.replace(tmp_path, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(tmp_path)
+        raise
+
+
+def make_run_dir(runs_dir: str, name: str) -> Path:
+    """A new folder runs_dir/name, or name-2, name-3, ... when that is taken: mkdir without exist_ok claims a
+    folder atomically, so two runs started in the same second never share one."""
+    path = Path(runs_dir) / name
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for n in itertools.count(2):
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                path = Path(runs_dir) / f"{name}-{n}"
+    except OSError as e:
+        raise ConfigError(f"cannot create the run folder {path}: {e.strerror}") from None
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse a run folder that cannot be written, before anything trains (a probe file, gone once closed)."""
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ConfigError(f"the run folder {folder} is not writable: {e.strerror}") from None
+
+
+def check_finite(what: str, *tensors: torch.Tensor) -> None:
+    """Stop the run (TrainingDiverged) unless every entry of the tensors is finite: one reduction, one host sync."""
+    if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        raise TrainingDiverged(f"{what} became NaN or infinite")
+
+
+def check_policy(agent: Agent, obs) -> None:
+    """The first forward pass of each rollout, checked: the action probabilities on obs (N, 4, 84, 84). Weights that
+    exploded give NaN there even while they are finite, and torch.multinomial would fail on them."""
+    with torch.inference_mode():
+        logits, _ = agent(torch.as_tensor(obs, device=agent.actor.weight.device))
+        check_finite("the action probabilities", logits.log_softmax(-1))
 
 
 def load_checkpoint(path: str, env_id: str | None = None) -> dict:
@@ -1005,10 +1154,17 @@ def load_checkpoint(path: str, env_id: str | None = None) -> dict:
     if not isinstance(checkpoint, dict) or checkpoint.get("script") != SCRIPT_NAME:
         script = checkpoint.get("script", "unknown") if isinstance(checkpoint, dict) else "unknown"
         raise ConfigError(f"{path} is a checkpoint of {script}, not of {SCRIPT_NAME}")
+    missing = sorted(CHECKPOINT_KEYS - set(checkpoint))
+    if missing:
+        raise ConfigError(f"{path} is not a complete checkpoint of {SCRIPT_NAME}: it lacks {', '.join(missing)}")
     if env_id is not None and checkpoint["env_id"] != env_id:
         raise ConfigError(f"{path} was trained on {checkpoint['env_id']}, not on {env_id}")
     return checkpoint
 
+
+# What a checkpoint holds: the first keys are what an evaluation needs, the others what a resumed run needs.
+CHECKPOINT_KEYS = {"env_id", "args", "model", "global_step", "iteration"}
+RESUME_KEYS = {"optimizer", "rng"}
 
 # Flags that change only how a run is logged, saved, evaluated or placed: a resumed run may change them.
 RESUME_MAY_CHANGE = {
@@ -1021,7 +1177,11 @@ def check_resume_settings(args: Args, checkpoint: dict) -> None:
     """A resumed run keeps the settings it was started with; a flag that would change them is refused."""
     if "rng" not in checkpoint:  # saved before random states were part of a checkpoint
         raise ConfigError(f"{args.resume} is from an older version of {SCRIPT_NAME}: it can be evaluated, not resumed")
+    missing = sorted(RESUME_KEYS - set(checkpoint))
+    if missing:
+        raise ConfigError(f"{args.resume} is not a complete checkpoint of {SCRIPT_NAME}: it lacks {', '.join(missing)}")
     saved = checkpoint["args"]
+
     for name, value in asdict(args).items():
         if name not in RESUME_MAY_CHANGE and name in saved and saved[name] != value:
             flag = f"--{name.replace('_', '-')} {value}"
@@ -1325,8 +1485,10 @@ def gather_from_processes(items: list) -> list:
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    """tyro's command line, with a mistyped flag as one line; under --resume, flags not given keep the
-    checkpoint's values (check_resume_settings refuses the ones given that differ)."""
+    """tyro's command line, with a mistyped flag or a bad value as one line; under --resume, flags not given keep
+    the checkpoint's values (check_resume_settings refuses the ones given that differ)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    check_flag_values(argv)
     args, unknown = tyro.cli(Args, args=argv, return_unknown_args=True)
     if unknown:
         flag = next((u.split("=")[0] for u in unknown if u.startswith("--")), unknown[0])
@@ -1335,11 +1497,37 @@ def parse_args(argv: list[str] | None = None) -> Args:
         raise ConfigError(
             f"unrecognized argument {flag}" + (f" (did you mean {close[0]}?)" if close else "") + "; see --help"
         )
+    if args.eval_checkpoint and "--env-id" in (a.split("=")[0] for a in argv):
+        load_checkpoint(args.eval_checkpoint, args.env_id)  # an --env-id given must be the checkpoint's
     if args.resume:
         saved = load_checkpoint(args.resume)["args"]
         defaults = Args(**{f.name: saved[f.name] for f in fields(Args) if f.name in saved})
         args = tyro.cli(Args, args=argv, default=defaults)
     return args
+
+
+def check_flag_values(argv: list[str]) -> None:
+    """A flag without its value, or with a value of the wrong type, as one line (tyro would draw a box)."""
+    hints = typing.get_type_hints(Args)
+    for i, token in enumerate(argv):
+        flag, has_value, value = token.partition("=")
+        kind = hints.get(flag[2:].replace("-", "_")) if flag.startswith("--") else None
+        if kind is None or kind is bool:
+            continue
+        if not has_value:
+            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else None
+            if value is None:
+                raise ConfigError(f"{flag} needs a value")
+        choices = typing.get_args(kind)  # Literal[...]: its values; X | None: (X, NoneType)
+        if typing.get_origin(kind) is typing.Literal and value not in choices:
+            raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+        base = next((t for t in choices or (kind,) if t in (int, float)), None)
+        if base is not None and not (type(None) in choices and value == "None"):
+            try:
+                base(value)
+            except ValueError:
+                expected = "an integer" if base is int else "a number"
+                raise ConfigError(f"{flag} expects {expected}, got {value!r}") from None
 
 
 def main() -> None:
@@ -1353,12 +1541,15 @@ def main() -> None:
                   f"return {mean:.1f} +- {std:.1f} over {episodes} episodes")  # fmt: skip
             return
         summary = train(args)
-    except (ConfigError, TrainingDiverged) as e:
+    except RunFinished as e:
+        print(e)
+        return
+    except (ConfigError, TrainingDiverged, StorageError) as e:
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process has it: say it once
             print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, ConfigError) else 1)
+        sys.exit(2 if isinstance(e, ConfigError) else 1)  # 2: bad input; 1: the run failed (diverged, a write failed)
     if summary["status"] == "interrupted":
-        sys.exit(143 if summary["stopped_by"] == "SIGTERM" else 130)  # 128 + the signal's number
+        sys.exit(128 + signal.Signals[summary["stopped_by"]])  # 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
 
 
 if __name__ == "__main__":

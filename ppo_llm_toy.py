@@ -31,6 +31,7 @@ stays grammatical.
     python ppo_llm_toy.py --kl-coef 0           # no KL penalty: watch the proxy get gamed
     python ppo_llm_toy.py --advantage-estimator rloo
     python ppo_llm_toy.py --sft-checkpoint runs/<run>/sft.pt --reward-model-checkpoint runs/<run>/reward_model.pt
+    python ppo_llm_toy.py --eval-checkpoint runs/<run>/policy.pt   # evaluate a trained policy, print samples
     tensorboard --logdir runs
 
 Siblings: ppo_continuous.py and ppo_atari.py, where an environment rewards every step of long episodes.
@@ -43,10 +44,12 @@ RLHF. Below the PLUMBING banner: run folder, logs, checkpoints, evaluation, chec
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import hashlib
 import importlib
+import itertools
 import json
 import math
 import netrc
@@ -56,9 +59,11 @@ import re
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+import typing
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -183,6 +188,9 @@ class Args:
     """reuse this sft.pt instead of training the SFT model"""
     reward_model_checkpoint: str | None = None
     """reuse this reward_model.pt instead of training the reward model"""
+    eval_checkpoint: str | None = None
+    """do not train: evaluate this policy.pt (against the sft.pt and reward_model.pt of its run folder, or those
+    given), print sample texts and exit"""
     eval_interval: int = 20
     """evaluate on the held-out prompts every N PPO iterations (and always at start and end)"""
     eval_prompts: int = 256
@@ -695,6 +703,7 @@ def collect_rollout(policy, reference, reward_model, prompts, args: Args, device
     spent sampling and when collection ended (for the throughput the run logs).
     """
     query, query_mask = (t.to(device) for t in left_pad(prompts))
+    check_policy(policy, query, query_mask)  # NaN or infinite outputs stop the run here, not in sampling
     start = time.perf_counter()
     responses, _ = generate(policy, query, query_mask, args.response_length, args.temperature)
     sampling_time = time.perf_counter() - start
@@ -998,21 +1007,34 @@ def fit_reward_normalization(reward_model: ScalarModel, sft: LanguageModel, args
 
 
 class ConfigError(ValueError):
-    """Bad input (flags, checkpoint): main() prints it as one line and exits with code 2."""
+    """Bad input (flags, checkpoint, a run folder that cannot be written): main() prints it as one line and
+    exits with code 2."""
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite: the run stops and keeps its last good checkpoint."""
+    """The loss, the weights or the policy's outputs became NaN or infinite: the run stops (exit code 1) and keeps
+    its last good checkpoint."""
+
+
+class StorageError(RuntimeError):
+    """Writing the checkpoint, summary.json or the TensorBoard events failed (disk full, folder gone): the run stops
+    with one line and exit code 1 (a failed run, as a diverged one), keeping what was saved before."""
+
+
+# Each stops the run as Ctrl-C does; the exit code is 128 + the signal's number: 130, 143, 129.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class Run:
     """Everything around the pipeline for one training run, used as `with Run(args) as run:`.
 
     It owns the run folder, TensorBoard (and W&B with --track), the progress line, the time split,
-    the checkpoints (sft.pt and reward_model.pt from the stages; policy.pt at the end, on Ctrl-C /
-    SIGTERM, and the last good policy after a NaN), the evaluations and summary.json, the dict train()
-    returns. Ctrl-C or SIGTERM anywhere inside the block saves the policy (if PPO had begun and not
-    finished), writes the summary and returns normally.
+    the checkpoints (sft.pt and reward_model.pt from the stages; policy.pt at the end, on Ctrl-C / SIGTERM /
+    SIGHUP or a failed write, and the last good policy after a divergence), the evaluations and summary.json,
+    the dict train() returns. A signal anywhere inside the block saves the policy (if PPO had begun and not
+    finished), writes the summary and returns normally; signals that come during that save are held (see
+    _on_signal). A failed write (StorageError) or a divergence (TrainingDiverged) writes the summary too and
+    is raised again as one line.
     """
 
     def __init__(self, args: Args):
@@ -1021,16 +1043,14 @@ class Run:
         self.args = args
         seed_everything(args.seed, args.torch_deterministic)
         self.device = select_device(args)
-        self.dir = Path(args.runs_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"cannot create the run folder {self.dir}: {e.strerror}") from None
+        self.dir = make_run_dir(args.runs_dir, f"{args.exp_name}__{args.seed}__{int(time.time())}")
+        check_writable(self.dir)
         self.checkpoint_path = self.dir / "policy.pt"
         self.iteration = 0
         self.sampling_time = self.update_time = 0.0
         self.sampled_tokens = self.updated_tokens = 0
         self.status, self.stopped_by, self.training_done, self.summary = "completed", None, False, {}
+        self.error = None  # the OSError or TrainingDiverged that stopped the run
         if args.track:
             start_wandb(args, self.dir)
         self.writer = SummaryWriter(str(self.dir))
@@ -1038,20 +1058,35 @@ class Run:
         self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
 
     def __enter__(self) -> Run:
-        self.previous_sigterm = None
-        if threading.current_thread() is threading.main_thread():  # SIGTERM (cluster schedulers) as Ctrl-C
-            self.previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.signals, self.stopping, self.saving_on_stop, self.previous_handlers = [], False, False, {}
+        if threading.current_thread() is threading.main_thread():  # Python runs signal handlers there only
+            self.previous_handlers = {signum: signal.signal(signum, self._on_signal) for signum in STOP_SIGNALS}
+        self.previous_excepthook, threading.excepthook = threading.excepthook, self._on_thread_error
         self.start_time = self.last_print = time.time()
         return self
 
-    def _on_sigterm(self, signum, frame):
-        self.stopped_by = "SIGTERM"
-        raise KeyboardInterrupt
+    def _on_signal(self, signum, frame):
+        """Ctrl-C, SIGTERM (schedulers) and SIGHUP (a closed terminal) stop the run: the first one unwinds to
+        __exit__, which saves. Once a stop has begun, signals are held until the checkpoint and summary are
+        written; a third one abandons the checkpoint's save (the previous checkpoint stays: saves are atomic)."""
+        self.signals.append(signal.Signals(signum).name)
+        if not self.stopping:
+            self.stopping, self.stopped_by = True, self.signals[-1]
+            raise KeyboardInterrupt
+        if self.saving_on_stop and len(self.signals) >= 3:
+            raise KeyboardInterrupt
+
+    def _on_thread_error(self, args) -> None:
+        """The TensorBoard writer thread's OSError is raised again in the main thread at the next write, which
+        reports it in one line: no traceback from the thread as well."""
+        if not issubclass(args.exc_type, OSError):
+            self.previous_excepthook(args)
 
     def begin_ppo(self, policy, reference, reward_model, kl_controller) -> None:
         """Register what PPO trains and reads (policy.pt saves the policy); evaluate the SFT policy."""
         self.model = (policy, reference, reward_model, kl_controller)
-        self.last_good_policy = copy.deepcopy(policy.state_dict())  # put back if an update diverges
+        # The newest weights, and the newest that a rollout has sampled from without NaN: put back on a divergence.
+        self.newest_policy = self.last_good_policy = copy.deepcopy(policy.state_dict())
         eval_rng = random.Random(self.args.seed + 5)
         self.eval_prompts = make_prompts(self.args.eval_prompts, self.args.max_prompt_words, eval_rng)
         evaluation = self.evaluate_policy(0)
@@ -1065,14 +1100,10 @@ class Run:
         (objective/, losses/, charts/); evaluate every --eval-interval iterations."""
         policy, _, _, kl_controller = self.model
         step = iteration * self.args.batch_size  # the x axis: responses sampled so far
+        self.last_good_policy = self.newest_policy  # this iteration's rollout sampled from it without NaN
         if not math.isfinite(stats["loss"]) or not weights_are_finite(policy):
-            policy.load_state_dict(self.last_good_policy)
-            self.save()
-            raise TrainingDiverged(
-                f"the loss became NaN or infinite at iteration {iteration} (episode {step:,}); stopped, "
-                f"the policy before that update is kept in {self.checkpoint_path}"
-            )
-        self.last_good_policy = copy.deepcopy(policy.state_dict())
+            raise TrainingDiverged(f"the loss became NaN or infinite at iteration {iteration} (episode {step:,})")
+        self.newest_policy = copy.deepcopy(policy.state_dict())
         self.iteration = iteration
         # The time split: sampling is generate() itself; the update (advantages included) runs from the end
         # of the collection to now.
@@ -1130,7 +1161,12 @@ class Run:
         return evaluation
 
     def save(self) -> None:
-        save_checkpoint(self.checkpoint_path, self.model[0], "policy")
+        """Write policy.pt (with the run's settings, for --eval-checkpoint), never from NaN or infinite weights or
+        next-token probabilities (TrainingDiverged): the probe is the held-out prompts' first forward pass."""
+        policy = self.model[0]
+        check_finite("the weights", *policy.parameters())
+        check_policy(policy, *(t.to(self.device) for t in left_pad(self.eval_prompts)))
+        save_checkpoint(self.checkpoint_path, policy, "policy", {"args": asdict(self.args)})
 
     def finish(self) -> None:
         """Save the final policy, then evaluate it on the held-out prompts."""
@@ -1148,16 +1184,56 @@ class Run:
         print_eval("policy after PPO", evaluation, self.args.num_sample_texts)
 
     def __exit__(self, exc_type, exc, traceback) -> bool:
-        if self.previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, self.previous_sigterm)
+        self.stopping = True  # from here on signals are held (_on_signal)
         if exc_type is KeyboardInterrupt:
             self.status, self.stopped_by = "interrupted", self.stopped_by or "SIGINT"
-            if hasattr(self, "model") and not self.training_done:
-                self.save()
-            where = "in the final evaluation" if self.training_done else f"at iteration {self.iteration}"
-            print(f"interrupted ({self.stopped_by}) {where}; checkpoint: {self.saved_checkpoint()}", flush=True)
         elif exc_type is not None:
             self.status = "diverged" if exc_type is TrainingDiverged else "failed"
+        self.error = exc if isinstance(exc, (OSError, TrainingDiverged)) else None
+        # One guarded section for everything a stop writes: each write is tried even if one before it failed.
+        for write in (self.save_on_stop, self.flush_logs, self.write_summary):
+            try:
+                write()
+            except (OSError, TrainingDiverged) as e:  # a save refused from NaN weights is a TrainingDiverged
+                self.error = self.error or e
+                self.status = "diverged" if isinstance(self.error, TrainingDiverged) else "failed"
+        self.close()
+        if self.status == "interrupted":
+            where = "in the final evaluation" if self.training_done else f"at iteration {self.iteration}"
+            aborted = f" ({self.summary['save_aborted']})" if "save_aborted" in self.summary else ""
+            print(f"interrupted ({self.stopped_by}) {where}; checkpoint: {self.saved_checkpoint()}{aborted}")
+        if isinstance(self.error, TrainingDiverged):
+            raise TrainingDiverged(self.error_message()) from None
+        if self.error is not None:
+            raise StorageError(self.error_message()) from None
+        if self.status == "completed" and exc_type is None:
+            s, duration = self.summary, format_duration(self.summary["wall_time_s"])
+            print(f"done: {s['episodes']:,} responses in {duration}; sampling {s['sampling_tokens_per_s']:,.0f} tokens/s, "
+                  f"update {s['update_tokens_per_s']:,.0f} tokens/s | {self.dir}")  # fmt: skip
+        return exc_type is KeyboardInterrupt  # handled: train() returns the summary
+
+    def save_on_stop(self) -> None:
+        """After a signal, a divergence or a failed write, save the policy: after a divergence the last one a
+        rollout sampled from without NaN. A third signal abandons this save, and the summary says so."""
+        stop_saves = self.status in ("interrupted", "diverged") or isinstance(self.error, OSError)
+        if not stop_saves or not hasattr(self, "model") or self.training_done:
+            return
+        if self.status == "diverged":
+            self.model[0].load_state_dict(self.last_good_policy)
+        self.saving_on_stop = True
+        try:
+            self.save()
+        except KeyboardInterrupt:
+            self.summary["save_aborted"] = "a third signal stopped saving the policy; kept: nothing"
+        finally:
+            self.saving_on_stop = False
+
+    def flush_logs(self) -> None:
+        """Write the TensorBoard events out; raises the error of TensorBoard's writer thread, if it had one."""
+        self.writer.flush()
+
+    def write_summary(self) -> None:
+        """summary.json: the final figures (the dict train() returns), written atomically as the checkpoints."""
         wall_time = (self.training_end if self.training_done else time.time()) - self.start_time
         self.summary = {
             "script": SCRIPT_NAME, "seed": self.args.seed, "status": self.status,
@@ -1167,17 +1243,31 @@ class Run:
         }  # fmt: skip
         if self.stopped_by:
             self.summary["stopped_by"] = self.stopped_by
-        (self.dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
-        self.writer.close()
+        if self.error is not None:
+            self.summary["error"] = self.error_message()
+        write_atomically(self.dir / "summary.json", lambda f: f.write(json.dumps(self.summary, indent=2).encode()))
+
+    def error_message(self) -> str:
+        """One line: what went wrong, where, and which policy is kept."""
+        saved = self.saved_checkpoint()
+        if isinstance(self.error, OSError):  # the file the OS names, else the folder all the writes go to
+            kept = f"the policy is kept in {saved}" if saved else "nothing saved"
+            where = os.fsdecode(self.error.filename or self.dir)  # TensorBoard names its file in bytes
+            return f"cannot write {where}: {self.error.strerror or self.error}; {kept}"
+        kept = f"the policy before that update is kept in {saved}" if saved else "nothing saved"
+        return f"{self.error}; stopped, {kept}"
+
+    def close(self) -> None:
+        """Close TensorBoard and W&B; give back the signal handlers and the thread excepthook."""
+        with contextlib.suppress(OSError):  # a failed write is already recorded
+            self.writer.close()
         if self.args.track:
             import wandb
 
             wandb.finish()
-        if self.status == "completed" and exc_type is None:
-            s, duration = self.summary, format_duration(wall_time)
-            print(f"done: {s['episodes']:,} responses in {duration}; sampling {s['sampling_tokens_per_s']:,.0f} tokens/s, "
-                  f"update {s['update_tokens_per_s']:,.0f} tokens/s | {self.dir}")  # fmt: skip
-        return exc_type is KeyboardInterrupt  # handled: train() returns the summary
+        for signum, handler in self.previous_handlers.items():
+            signal.signal(signum, handler)
+        threading.excepthook = self.previous_excepthook
 
     def saved_checkpoint(self) -> str | None:
         return str(self.checkpoint_path) if self.checkpoint_path.exists() else None
@@ -1271,13 +1361,71 @@ def save_checkpoint(path: Path, model: nn.Module, stage: str, metadata: dict | N
     """
     checkpoint = {"script": SCRIPT_NAME, "stage": stage, "config": asdict(model.config),
                   "model": model.state_dict(), "metadata": metadata or {}}  # fmt: skip
+    write_atomically(path, lambda f: torch.save(checkpoint, f))
+
+
+def write_atomically(path: Path, write) -> None:
+    """write(file) into path's .tmp, then rename it to path: a save that fails or is interrupted never destroys
+    the file saved before, and leaves no partial .tmp behind (a stale one from a killed process is overwritten).
+    torch.save gets a Python file so that a full disk is an OSError naming the file, not a RuntimeError."""
     tmp_path = path.with_suffix(".tmp")
-    torch.save(checkpoint, tmp_path)
-    os.replace(tmp_path, path)
+    try:
+        with open(tmp_path, "wb") as f:
+            write(f)
+        os.replace(tmp_path, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(tmp_path)
+        raise
 
 
-def load_checkpoint(path: str, stage: str, model: nn.Module) -> tuple[nn.Module, dict]:
-    """Load a checkpoint of this script's `stage` into model (the flags' shape); returns it and its metadata."""
+def make_run_dir(runs_dir: str, name: str) -> Path:
+    """A new folder runs_dir/name, or name-2, name-3, ... when that is taken: mkdir without exist_ok claims a
+    folder atomically, so two runs started in the same second never share one."""
+    path = Path(runs_dir) / name
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for n in itertools.count(2):
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                path = Path(runs_dir) / f"{name}-{n}"
+    except OSError as e:
+        raise ConfigError(f"cannot create the run folder {path}: {e.strerror}") from None
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse a run folder that cannot be written, before anything trains (a probe file, gone once closed)."""
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ConfigError(f"the run folder {folder} is not writable: {e.strerror}") from None
+
+
+def check_finite(what: str, *tensors: torch.Tensor) -> None:
+    """Stop the run (TrainingDiverged) unless every entry of the tensors is finite: one reduction, one host sync."""
+    if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        raise TrainingDiverged(f"{what} became NaN or infinite")
+
+
+def check_policy(policy: LanguageModel, tokens: torch.Tensor, mask: torch.Tensor) -> None:
+    """The first forward pass of each rollout, checked: the next-token probabilities after the prompts (B, P).
+    Weights that exploded give NaN there even while they are finite, and torch.multinomial would fail on them."""
+    with torch.no_grad():
+        logits, _ = policy(tokens, mask)
+    check_finite("the next-token probabilities", logits[:, -1].log_softmax(-1))
+
+
+# What a checkpoint holds: the stage's model, its shape and the stage's name.
+CHECKPOINT_KEYS = {"stage", "config", "model"}
+
+
+def load_checkpoint(path: str, stage: str, model: nn.Module | None = None) -> tuple[nn.Module, dict]:
+    """Load a checkpoint of this script's `stage` into model (the flags' shape), or into a model of the shape
+    saved with it (model None); returns the model and its metadata."""
     if not Path(path).is_file():
         raise ConfigError(f"checkpoint {path} does not exist")
     try:
@@ -1287,8 +1435,14 @@ def load_checkpoint(path: str, stage: str, model: nn.Module) -> tuple[nn.Module,
     if not isinstance(checkpoint, dict) or checkpoint.get("script") != SCRIPT_NAME:
         script = checkpoint.get("script", "unknown") if isinstance(checkpoint, dict) else "unknown"
         raise ConfigError(f"{path} is a checkpoint of {script}, not of {SCRIPT_NAME}")
+    missing = sorted(CHECKPOINT_KEYS - set(checkpoint))
+    if missing:
+        raise ConfigError(f"{path} is not a complete checkpoint of {SCRIPT_NAME}: it lacks {', '.join(missing)}")
     if checkpoint.get("stage") != stage:
         raise ConfigError(f"{path} holds the {checkpoint.get('stage')} model, not the {stage} model")
+    if model is None:
+        config = ModelConfig(**checkpoint["config"])
+        model = ScalarModel(config, head_std=0.0) if stage == "reward_model" else LanguageModel(config)
     if checkpoint["config"] != asdict(model.config):
         raise ConfigError(
             f"{path} has model shape {checkpoint['config']}, but the flags ask for {asdict(model.config)}"
@@ -1308,6 +1462,22 @@ def load_given_checkpoints(args: Args) -> dict:
         reward_model = ScalarModel(config, head_std=1.0 / math.sqrt(args.n_embd + 1))
         given["reward_model"] = load_checkpoint(args.reward_model_checkpoint, "reward_model", reward_model)
     return given
+
+
+def evaluate_checkpoint(path: str, args: Args) -> dict:
+    """--eval-checkpoint: a saved policy.pt sampled on the held-out prompts of its run (seed + 5) with the run's
+    sampling settings, scored by the reward model and compared with the SFT model (the reference) of its run
+    folder, or those given by --reward-model-checkpoint / --sft-checkpoint. Returns evaluate()'s metrics."""
+    folder, device = Path(path).parent, select_device(args)
+    policy, metadata = load_checkpoint(path, "policy")
+    reference, _ = load_checkpoint(args.sft_checkpoint or str(folder / "sft.pt"), "sft")
+    reward_model, _ = load_checkpoint(args.reward_model_checkpoint or str(folder / "reward_model.pt"), "reward_model")
+    sampling = ("response_length", "temperature", "max_prompt_words", "missing_eos_penalty")
+    run_args = replace(args, **{k: v for k, v in metadata.get("args", {}).items() if k in sampling})
+    torch.manual_seed(args.seed)
+    prompts = make_prompts(args.eval_prompts, run_args.max_prompt_words, random.Random(args.seed + 5))
+    models = [model.to(device).eval().requires_grad_(False) for model in (policy, reference, reward_model)]
+    return evaluate(*models, prompts, run_args, device)
 
 
 def require_module(module: str, purpose: str) -> None:
@@ -1349,7 +1519,12 @@ def validate_args(args: Args) -> None:
          f"the rollout ({rollout}) does not divide into {args.num_minibatches} minibatches"),
         (args.total_episodes >= args.batch_size,
          f"--total-episodes {args.total_episodes} is smaller than one rollout ({rollout})"),
-        (args.sft_steps >= 0 and args.num_sample_texts >= 0, "--sft-steps and --num-sample-texts must not be negative"),
+        (args.num_sample_texts >= 0, f"--num-sample-texts must not be negative, got {args.num_sample_texts}"),
+        (args.sft_checkpoint or args.sft_steps >= 1, f"--sft-steps must be at least 1, got {args.sft_steps}"),
+        (args.sft_checkpoint or args.sft_batch_size <= args.sft_corpus_size, f"--sft-batch-size {args.sft_batch_size} "
+         f"is larger than the corpus (--sft-corpus-size {args.sft_corpus_size})"),
+        (args.reward_model_checkpoint or args.rm_num_pairs >= args.rm_batch_size, f"--rm-num-pairs {args.rm_num_pairs} "
+         f"is smaller than --rm-batch-size {args.rm_batch_size}: the reward model would train for 0 steps"),
         (args.n_embd % args.n_head == 0, f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}"),
         (args.max_prompt_words < shortest, f"--max-prompt-words {args.max_prompt_words} lets a prompt be a whole "
          f"sentence (the shortest has {shortest} words): use at most {shortest - 1}"),
@@ -1439,7 +1614,9 @@ def format_duration(seconds: float) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    """tyro's command line, with a mistyped flag as one line."""
+    """tyro's command line, with a mistyped flag or a bad value as one line."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    check_flag_values(argv)
     args, unknown = tyro.cli(Args, args=argv, return_unknown_args=True)
     if unknown:
         flag = next((u.split("=")[0] for u in unknown if u.startswith("--")), unknown[0])
@@ -1451,18 +1628,43 @@ def parse_args(argv: list[str] | None = None) -> Args:
     return args
 
 
+def check_flag_values(argv: list[str]) -> None:
+    """A flag without its value, or with a value of the wrong type, as one line (tyro would draw a box)."""
+    hints = typing.get_type_hints(Args)
+    for i, token in enumerate(argv):
+        flag, has_value, value = token.partition("=")
+        kind = hints.get(flag[2:].replace("-", "_")) if flag.startswith("--") else None
+        if kind is None or kind is bool:
+            continue
+        if not has_value:
+            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else None
+            if value is None:
+                raise ConfigError(f"{flag} needs a value")
+        choices = typing.get_args(kind)  # Literal[...]: its values; X | None: (X, NoneType)
+        if typing.get_origin(kind) is typing.Literal and value not in choices:
+            raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+        base = next((t for t in choices or (kind,) if t in (int, float)), None)
+        if base is not None and not (type(None) in choices and value == "None"):
+            try:
+                base(value)
+            except ValueError:
+                expected = "an integer" if base is int else "a number"
+                raise ConfigError(f"{flag} expects {expected}, got {value!r}") from None
+
+
 def main() -> None:
     try:
         args = parse_args()
+        if args.eval_checkpoint:
+            validate_args(args)
+            print_eval(args.eval_checkpoint, evaluate_checkpoint(args.eval_checkpoint, args), args.num_sample_texts)
+            return
         summary = train(args)
-    except ConfigError as e:
+    except (ConfigError, TrainingDiverged, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(e, ConfigError) else 1)  # 2: bad input; 1: the run failed (diverged, a write failed)
     if summary["status"] == "interrupted":
-        sys.exit(143 if summary["stopped_by"] == "SIGTERM" else 130)  # 128 + the signal's number
+        sys.exit(128 + signal.Signals[summary["stopped_by"]])  # 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
 
 
 if __name__ == "__main__":

@@ -847,3 +847,132 @@ def test_help_documents_every_flag():
                  "--eval-checkpoint"):  # fmt: skip
         assert flag in result.stdout
     assert "the surrogate clipping coefficient epsilon" in result.stdout
+
+
+# HOW A RUN STOPS: SIGNALS DURING THE SAVE, STORAGE ERRORS, DIVERGENCE (issue 19)
+
+LONG_RUN = ["--total-timesteps", "640000", "--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2",
+            "--update-epochs", "1", "--eval-episodes", "1", "--no-cuda", *ONE_THREAD]  # fmt: skip
+
+
+def slow_save_command(*flags, seconds=3.0):
+    """The script's command line, in a wrapper where every torch.save waits `seconds` inside its open .tmp file:
+    time to send a signal into the save. The script itself runs unchanged."""
+    code = (
+        "import sys, time, torch, ppo_atari as pa\n"
+        "real_save = torch.save\n"
+        f"torch.save = lambda obj, f: (real_save(obj, f), time.sleep({seconds}))\n"
+        f"sys.argv = ['ppo_atari.py', *{list(flags)!r}]\n"
+        "pa.main()\n"
+    )
+    return [sys.executable, "-c", code]
+
+
+def error_lines(stderr: str) -> list[str]:
+    assert "Traceback" not in stderr and "Exception in thread" not in stderr, stderr
+    lines = [line for line in stderr.strip().splitlines() if line.startswith("error: ")]
+    assert stderr.strip().splitlines()[-1:] == lines[-1:], stderr
+    return lines
+
+
+def test_sighup_and_a_second_signal_during_the_save_keep_checkpoint_and_summary(tmp_path):
+    process = subprocess.Popen(slow_save_command(*LONG_RUN, "--runs-dir", str(tmp_path)), cwd=REPO, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    for line in process.stdout:  # training runs
+        if line.startswith("step"):
+            break
+    process.send_signal(signal.SIGHUP)  # the terminal closed
+    deadline = time.time() + 60
+    while not list(tmp_path.glob("*/checkpoint.tmp")) and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)  # the scheduler follows up: held until the save is done
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 129 and "Traceback" not in stderr, stderr
+    (run_dir,) = tmp_path.iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["stopped_by"] == "SIGHUP"
+    assert pa.load_checkpoint(summary["checkpoint"])["global_step"] == summary["global_step"] > 0
+    assert not list(run_dir.glob("*.tmp"))
+
+
+def test_a_full_disk_for_the_summary_is_one_line_and_keeps_the_checkpoint(tmp_path):
+    checkpoint = save_untrained_checkpoint(tmp_path / "checkpoint.pt", tiny_args(tmp_path))
+    (tmp_path / "summary.tmp").symlink_to("/dev/full")  # a real ENOSPC
+    result = run_cli("--resume", checkpoint, "--no-cuda", *ONE_THREAD)
+    assert result.returncode == 1
+    assert error_lines(result.stderr) == [
+        f"error: cannot write {tmp_path / 'summary.tmp'}: No space left on device; "
+        f"the checkpoint of iteration 2 is kept in {checkpoint}"
+    ]
+    assert pa.load_checkpoint(checkpoint)["iteration"] == 2 and not list(tmp_path.glob("*.tmp"))
+
+
+def explode_after_update(monkeypatch, bad_iteration):
+    """The update of bad_iteration leaves weights that are finite but so large that the logits overflow (the
+    issue's case: a checkpoint whose evaluation failed in torch.multinomial)."""
+    real_update, calls = pa.update_policy, []
+
+    def update(agent, *rest):
+        stats = real_update(agent, *rest)
+        calls.append(1)
+        if len(calls) == bad_iteration:
+            with torch.no_grad():
+                for p in agent.parameters():
+                    p.mul_(1e10)
+        return stats
+
+    monkeypatch.setattr(pa, "update_policy", update)
+
+
+@pytest.mark.parametrize("save_interval", [0, 1])
+def test_exploded_weights_stop_the_run_and_are_never_saved(tmp_path, monkeypatch, save_interval):
+    explode_after_update(monkeypatch, 2)
+    kept = "nothing saved" if save_interval == 0 else "the checkpoint of iteration 1 is kept in "
+    with pytest.raises(pa.TrainingDiverged, match=f"^the action probabilities became NaN or infinite; stopped after "
+                       f"iteration 2, {kept}"):  # fmt: skip
+        pa.train(tiny_args(tmp_path, total_timesteps=256, save_interval=save_interval))
+    checkpoints = list((tmp_path / "runs").glob("*/checkpoint.pt"))
+    assert len(checkpoints) == save_interval
+    for path in checkpoints:  # the last good one, which evaluates
+        assert pa.load_checkpoint(str(path))["iteration"] == 1
+        result = run_cli("--eval-checkpoint", str(path), "--eval-episodes", "1", *ONE_THREAD)
+        assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "line"),
+    [
+        (["--seed", "abc"], "error: --seed expects an integer, got 'abc'"),
+        (["--num-envs"], "error: --num-envs needs a value"),
+        (["--env-backend", "fast"], "error: --env-backend must be one of ale_vector, gymnasium, got 'fast'"),
+    ],
+)
+def test_a_bad_or_missing_flag_value_is_one_line(flags, line):
+    result = run_cli(*flags)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [line]
+
+
+def test_eval_checkpoint_refuses_another_env_id_and_missing_keys(tmp_path):
+    checkpoint = save_untrained_checkpoint(tmp_path / "checkpoint.pt", tiny_args(tmp_path))
+    result = run_cli("--eval-checkpoint", checkpoint, "--env-id", "PongNoFrameskip-v4")
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == [f"error: {checkpoint} was trained on BreakoutNoFrameskip-v4, not on Pong"
+                                          "NoFrameskip-v4"]  # fmt: skip
+    saved = torch.load(checkpoint, weights_only=True)
+    del saved["model"]
+    torch.save(saved, tmp_path / "no_model.pt")
+    with pytest.raises(pa.ConfigError, match="no_model.pt is not a complete checkpoint of ppo_atari: it lacks model$"):
+        pa.evaluate_checkpoint(str(tmp_path / "no_model.pt"), tiny_args(tmp_path))
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path):
+    summary = pa.train(tiny_args(tmp_path, total_timesteps=64))
+    run_dir = Path(summary["run_dir"])
+    before = {path.name: path.read_bytes() for path in run_dir.iterdir()}
+    result = run_cli("--resume", summary["checkpoint"], "--no-cuda", *ONE_THREAD)
+    assert result.returncode == 0, result.stderr
+    assert (
+        result.stdout.strip().splitlines()[-1]
+        == f"{summary['checkpoint']} is a finished run (iteration 1 of 1): nothing to do"
+    )
+    assert {path.name: path.read_bytes() for path in run_dir.iterdir()} == before

@@ -2,6 +2,7 @@
 rollout (no phantom transitions, truncation bootstrap), checkpoints, determinism, resume, learning
 and bad input."""
 
+import contextlib
 import json
 import math
 import os
@@ -1043,3 +1044,286 @@ def test_help_documents_every_flag():
     ):
         assert flag in result.stdout
     assert "the surrogate clipping coefficient epsilon" in result.stdout
+
+
+# HOW A RUN STOPS: SIGNALS DURING THE SAVE, STORAGE ERRORS, DIVERGENCE, A FOLDER OF ITS OWN (issue 19)
+
+LONG_RUN = ["--env-id", "InvertedPendulum-v4", "--total-timesteps", "102400", "--num-steps", "256",
+            "--num-minibatches", "4", "--eval-episodes", "1", "--no-cuda"]  # fmt: skip
+
+
+def slow_save_command(*flags, seconds=3.0):
+    """The script's command line, in a wrapper where every torch.save waits `seconds` inside its open .tmp file:
+    time to send a signal into the save. The script itself runs unchanged."""
+    code = (
+        "import sys, time, torch, ppo_continuous as pc\n"
+        "real_save = torch.save\n"
+        f"torch.save = lambda obj, f: (real_save(obj, f), time.sleep({seconds}))\n"
+        f"sys.argv = ['ppo_continuous.py', *{list(flags)!r}]\n"
+        "pc.main()\n"
+    )
+    return [sys.executable, "-c", code]
+
+
+def start(command) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_until_training(process: subprocess.Popen) -> None:
+    for line in process.stdout:  # the progress line of the first iteration
+        if line.startswith("step"):
+            return
+    raise AssertionError(f"the run ended before training: {process.stderr.read()}")
+
+
+def wait_for(paths, timeout=60.0):
+    deadline = time.time() + timeout
+    while not (found := list(paths())) and time.time() < deadline:
+        time.sleep(0.02)
+    assert found, "timed out"
+    return found
+
+
+def error_lines(stderr: str) -> list[str]:
+    assert "Traceback" not in stderr and "Exception in thread" not in stderr, stderr
+    lines = [line for line in stderr.strip().splitlines() if line.startswith("error: ")]
+    assert stderr.strip().splitlines()[-1:] == lines[-1:], stderr  # the error is the last thing said
+    return lines
+
+
+def unfinished_checkpoint(folder: Path, **overrides) -> Path:
+    """The checkpoint that a run of tiny_args saves after its first iteration, written without the run."""
+    args = tiny_args(folder, **overrides)
+    folder.mkdir(parents=True, exist_ok=True)
+    agent = pc.Agent(4, 1)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    normalizer, scaler = pc.ObservationNormalizer((4,)), pc.RewardScaler(args.num_envs, args.gamma)
+    kl_controller = pc.AdaptiveKLController(args.kl_coef, args.kl_target)
+    pc.save_checkpoint(
+        folder / "checkpoint.pt", agent, optimizer, normalizer, scaler, kl_controller, args, args.batch_size, 1
+    )
+    return folder / "checkpoint.pt"
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "exit_code"),
+    [(signal.SIGINT, signal.SIGINT, 130), (signal.SIGHUP, signal.SIGTERM, 129)],  # twice Ctrl-C; a closed terminal
+)
+def test_a_second_signal_during_the_save_is_held_until_checkpoint_and_summary_are_written(
+    tmp_path, first, second, exit_code
+):
+    process = start(slow_save_command(*LONG_RUN, "--runs-dir", str(tmp_path)))
+    wait_until_training(process)
+    process.send_signal(first)
+    wait_for(lambda: tmp_path.glob("*/checkpoint.tmp"))  # the save has begun (and lasts 3 s)
+    process.send_signal(second)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == exit_code, stderr  # 128 + the first signal's number
+    assert "Traceback" not in stderr and f"interrupted ({first.name})" in stdout
+    (run_dir,) = tmp_path.iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["stopped_by"] == first.name
+    checkpoint = pc.load_checkpoint(summary["checkpoint"])
+    assert checkpoint["global_step"] == summary["global_step"] > 0
+    assert not list(run_dir.glob("*.tmp"))
+
+
+def test_a_third_signal_abandons_the_save_and_keeps_the_previous_checkpoint(tmp_path):
+    checkpoint_path = unfinished_checkpoint(tmp_path / "run", total_timesteps=102400)
+    before = checkpoint_path.read_bytes()
+    process = start(slow_save_command("--resume", str(checkpoint_path), "--no-cuda", "--eval-episodes", "1"))
+    wait_until_training(process)
+    process.send_signal(signal.SIGINT)
+    wait_for(lambda: checkpoint_path.parent.glob("checkpoint.tmp"))
+    process.send_signal(signal.SIGINT)  # held
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)  # abandons the save
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert checkpoint_path.read_bytes() == before  # the previous checkpoint, untouched
+    summary = json.loads((checkpoint_path.parent / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["checkpoint"] == str(checkpoint_path)
+    assert summary["save_aborted"].endswith("kept: iteration 1") and summary["save_aborted"] in stdout
+    assert not list(checkpoint_path.parent.glob("*.tmp"))
+
+
+def test_a_full_disk_for_the_checkpoint_is_one_line_and_the_next_save_is_not_blocked(tmp_path):
+    checkpoint_path = unfinished_checkpoint(tmp_path / "run", total_timesteps=512)
+    (checkpoint_path.parent / "checkpoint.tmp").symlink_to("/dev/full")  # a real ENOSPC on the final save
+    result = run_cli("--resume", str(checkpoint_path), "--no-cuda", "--eval-episodes", "1")
+    assert result.returncode == 1
+    (line,) = error_lines(result.stderr)
+    assert line.startswith(f"error: cannot write {checkpoint_path.parent / 'checkpoint.tmp'}: No space left on device")
+    # The failed .tmp is gone, so the stop's own save (of the newest iteration) went through.
+    assert line.endswith(f"the checkpoint of iteration 2 is kept in {checkpoint_path}")
+    assert pc.load_checkpoint(str(checkpoint_path))["iteration"] == 2 and not list(tmp_path.glob("run/*.tmp"))
+    summary = json.loads((checkpoint_path.parent / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == line.removeprefix("error: ")
+
+
+def test_a_full_disk_for_the_summary_keeps_the_summary_written_before(tmp_path):
+    checkpoint_path = unfinished_checkpoint(tmp_path / "run", total_timesteps=512)
+    summary_path = checkpoint_path.parent / "summary.json"
+    summary_path.write_text('{"status": "interrupted"}')
+    (checkpoint_path.parent / "summary.tmp").symlink_to("/dev/full")
+    result = run_cli("--resume", str(checkpoint_path), "--no-cuda", "--eval-episodes", "1")
+    assert result.returncode == 1
+    (line,) = error_lines(result.stderr)
+    assert line == (
+        f"error: cannot write {checkpoint_path.parent / 'summary.tmp'}: No space left on device; "
+        f"the checkpoint of iteration 2 is kept in {checkpoint_path}"
+    )
+    assert summary_path.read_text() == '{"status": "interrupted"}'  # not destroyed by the failed write
+    assert pc.load_checkpoint(str(checkpoint_path))["iteration"] == 2
+
+
+def test_a_stale_tmp_file_does_not_block_the_save(tmp_path):
+    checkpoint_path = unfinished_checkpoint(tmp_path / "run", total_timesteps=512)
+    (checkpoint_path.parent / "checkpoint.tmp").write_bytes(b"the partial file of a killed run")
+    summary = pc.train(tiny_args(tmp_path, total_timesteps=512, resume=str(checkpoint_path)))
+    assert summary["status"] == "completed" and pc.load_checkpoint(str(checkpoint_path))["iteration"] == 2
+    assert not list(checkpoint_path.parent.glob("*.tmp"))
+
+
+def test_a_run_folder_that_disappears_during_the_run_is_one_line_without_tracebacks(tmp_path):
+    process = start([sys.executable, SCRIPT, *LONG_RUN, "--runs-dir", str(tmp_path / "runs"), "--save-interval", "1"])
+    (checkpoint_path,) = wait_for(lambda: (tmp_path / "runs").glob("*/checkpoint.pt"))
+    run_dir = checkpoint_path.parent
+    run_dir.rename(tmp_path / "moved")  # the disk goes away under the run: every write into the folder fails,
+    run_dir.write_text("not a folder")  # TensorBoard's writer thread included
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1
+    (line,) = error_lines(stderr)
+    assert line.startswith(f"error: cannot write {run_dir}/") and "Not a directory" in line
+    moved = pc.load_checkpoint(str(tmp_path / "moved" / "checkpoint.pt"))  # what was saved before is intact
+    assert all(torch.isfinite(v).all() for v in moved["model"].values())
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """folder made unwritable for this process, root included (chattr +i), or the test skipped where it cannot be."""
+    os.chmod(folder, 0o555)
+    immutable = False
+    if os.geteuid() == 0:
+        with contextlib.suppress(FileNotFoundError):  # no chattr
+            immutable = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+    try:
+        if os.geteuid() == 0 and not immutable:
+            pytest.skip("root ignores permissions and chattr +i is not available here")
+        yield
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        os.chmod(folder, 0o755)
+
+
+def test_resume_in_a_read_only_folder_is_refused_before_training(tmp_path):
+    checkpoint_path = unfinished_checkpoint(tmp_path / "run", total_timesteps=512)
+    before = checkpoint_path.read_bytes()
+    with read_only(checkpoint_path.parent):
+        result = run_cli("--resume", str(checkpoint_path), "--no-cuda")
+    assert result.returncode == 2
+    (line,) = error_lines(result.stderr)
+    assert line.startswith(f"error: the run folder {checkpoint_path.parent} is not writable: ")
+    assert "step" not in result.stdout and checkpoint_path.read_bytes() == before
+    assert sorted(p.name for p in checkpoint_path.parent.iterdir()) == ["checkpoint.pt"]
+
+
+def test_each_run_has_its_own_folder(tmp_path):
+    first, second = pc.make_run_dir(str(tmp_path), "name"), pc.make_run_dir(str(tmp_path), "name")
+    assert (first.name, second.name, pc.make_run_dir(str(tmp_path), "name").name) == ("name", "name-2", "name-3")
+    # Two runs with the same name and seed started together (most often in the same second): two folders.
+    flags = ["--env-id", "InvertedPendulum-v4", "--total-timesteps", "256", "--num-steps", "256", "--num-minibatches",
+             "4", "--eval-episodes", "1", "--no-cuda", "--runs-dir", str(tmp_path / "runs")]  # fmt: skip
+    processes = [start([sys.executable, SCRIPT, *flags]) for _ in range(2)]
+    assert [process.wait(timeout=120) for process in processes] == [0, 0]
+    summaries = [json.loads(path.read_text()) for path in (tmp_path / "runs").glob("*/summary.json")]
+    assert len(summaries) == 2 and len({s["run_dir"] for s in summaries}) == 2
+    for summary in summaries:
+        assert summary["checkpoint"] == str(Path(summary["run_dir"]) / "checkpoint.pt")
+
+
+def break_the_actor_after_update(monkeypatch, bad_iteration):
+    """The update of bad_iteration ends with NaN actor weights (its own loss is finite)."""
+    real_update, calls = pc.update_policy, []
+
+    def update(agent, *rest):
+        stats = real_update(agent, *rest)
+        calls.append(1)
+        if len(calls) == bad_iteration:
+            with torch.no_grad():
+                agent.actor_mean[0].weight.fill_(float("nan"))
+        return stats
+
+    monkeypatch.setattr(pc, "update_policy", update)
+
+
+def test_nan_actions_stop_the_run_in_the_rollout(tmp_path, monkeypatch):
+    break_the_actor_after_update(monkeypatch, 2)
+    with pytest.raises(pc.TrainingDiverged) as info:
+        pc.train(tiny_args(tmp_path))
+    assert str(info.value) == "the policy's actions became NaN or infinite; stopped after iteration 2, nothing saved"
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["error"] == str(info.value) and summary["checkpoint"] is None
+
+
+def test_no_checkpoint_is_written_from_nan_weights(tmp_path, monkeypatch):
+    break_the_actor_after_update(monkeypatch, 2)
+    with pytest.raises(pc.TrainingDiverged, match="^the weights became NaN or infinite; stopped after iteration 2, "
+                       "the checkpoint of iteration 1 is kept in "):  # fmt: skip
+        pc.train(tiny_args(tmp_path, save_interval=1))
+    (checkpoint_path,) = (tmp_path / "runs").glob("*/checkpoint.pt")
+    checkpoint = pc.load_checkpoint(str(checkpoint_path))
+    assert checkpoint["iteration"] == 1 and all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+
+
+@pytest.mark.parametrize(
+    ("flags", "line"),
+    [
+        (["--seed", "abc"], "error: --seed expects an integer, got 'abc'"),
+        (["--seed"], "error: --seed needs a value"),
+        (["--seed", "1", "--num-envs", "--no-cuda"], "error: --num-envs needs a value"),
+        (["--learning-rate=fast"], "error: --learning-rate expects a number, got 'fast'"),
+        (["--target-kl", "x"], "error: --target-kl expects a number, got 'x'"),
+        (["--env-id"], "error: --env-id needs a value"),
+    ],
+)
+def test_a_bad_or_missing_flag_value_is_one_line(flags, line):
+    result = run_cli(*flags)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [line]
+
+
+def test_eval_checkpoint_refuses_another_env_id_given_explicitly(tmp_path):
+    checkpoint_path = unfinished_checkpoint(tmp_path / "run")
+    result = run_cli("--eval-checkpoint", str(checkpoint_path), "--env-id", "Hopper-v4")
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == [
+        f"error: {checkpoint_path} was trained on InvertedPendulum-v4, not on Hopper-v4"
+    ]
+
+
+def test_a_checkpoint_missing_keys_is_refused_in_one_line(tmp_path):
+    checkpoint = torch.load(unfinished_checkpoint(tmp_path / "run"), weights_only=True)
+    torch.save({k: v for k, v in checkpoint.items() if k != "model"}, tmp_path / "no_model.pt")
+    torch.save({k: v for k, v in checkpoint.items() if k != "optimizer"}, tmp_path / "no_optimizer.pt")
+    for flag, name, missing in (
+        ("--eval-checkpoint", "no_model.pt", "model"),
+        ("--resume", "no_optimizer.pt", "optimizer"),
+    ):
+        result = run_cli(flag, str(tmp_path / name), "--no-cuda")
+        assert result.returncode == 2
+        assert error_lines(result.stderr) == [
+            f"error: {tmp_path / name} is not a complete checkpoint of ppo_continuous: it lacks {missing}"
+        ]
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path):
+    summary = pc.train(tiny_args(tmp_path, total_timesteps=512))
+    run_dir = Path(summary["run_dir"])
+    before = {path.name: path.read_bytes() for path in run_dir.iterdir()}
+    result = run_cli("--resume", summary["checkpoint"], "--no-cuda")
+    assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == (
+        f"{summary['checkpoint']} is a finished run (iteration 2 of 2): nothing to do"
+    )
+    assert {path.name: path.read_bytes() for path in run_dir.iterdir()} == before  # no new events, same summary

@@ -513,6 +513,12 @@ def test_rerun_from_saved_stages_reproduces_the_ppo_numbers(quick_run, tmp_path,
         ({"seed": -1}, "--seed must lie in"),
         ({"kl_estimator": "k2"}, "unknown --kl-estimator"),
         ({"runs_dir": "/etc/hostname/runs"}, "cannot create the run folder"),
+        ({"sft_steps": 0}, "--sft-steps must be at least 1, got 0"),
+        (
+            {"rm_num_pairs": 32, "rm_batch_size": 64},
+            "smaller than --rm-batch-size 64: the reward model would train for 0",
+        ),
+        ({"sft_batch_size": 5000}, "--sft-batch-size 5000 is larger than the corpus"),
     ],
 )
 def test_bad_config_raises_config_error(tmp_path, overrides, message):
@@ -582,6 +588,9 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_policy(quick_run
         (["--clip-coef", "-0.1"], "--clip-coef must be positive, got -0.1"),
         (["--seed", "-1"], "--seed must lie in [0, 2**32), got -1"),
         (["--runs-dir", "/etc/hostname/runs"], "cannot create the run folder /etc/hostname/runs/"),
+        (["--seed", "abc"], "--seed expects an integer, got 'abc'"),
+        (["--kl-coef"], "--kl-coef needs a value"),
+        (["--sft-steps", "0"], "--sft-steps must be at least 1, got 0"),
     ],
 )
 def test_bad_command_line_gives_one_error_line_and_exit_code_2(tmp_path, flags, message):
@@ -697,3 +706,115 @@ def test_track_logs_to_wandb_offline(quick_run, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     (new_run,) = tmp_path.iterdir()
     assert list((new_run / "wandb").glob("offline-run-*"))
+
+
+# HOW A RUN STOPS, AND THE SAVED POLICY USED AGAIN (issue 19)
+
+
+def stages_of(quick_run) -> list[str]:
+    run_dir = Path(quick_run[0]["run_dir"])
+    return ["--sft-checkpoint", str(run_dir / "sft.pt"), "--reward-model-checkpoint", str(run_dir / "reward_model.pt")]
+
+
+def wrapped_command(*flags, setup: str = "") -> list[str]:
+    """The script's command line in a wrapper that first runs `setup` (test-only changes); the script is unchanged."""
+    code = f"import sys, time, torch, ppo_llm_toy as toy\n{setup}\nsys.argv = ['ppo_llm_toy.py', *{list(flags)!r}]\ntoy.main()\n"
+    return [sys.executable, "-c", code]
+
+
+def test_a_second_signal_during_the_save_is_held_until_policy_and_summary_are_written(quick_run, tmp_path):
+    slow_save = "real_save = torch.save\ntorch.save = lambda obj, f: (real_save(obj, f), time.sleep(3))"
+    command = wrapped_command("--runs-dir", str(tmp_path), *stages_of(quick_run), "--total-episodes", "1000000",
+                              "--eval-prompts", "32", setup=slow_save)  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    for line in process.stdout:  # wait until PPO runs
+        if line.startswith("iteration"):
+            break
+    process.send_signal(signal.SIGINT)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob("*/policy.tmp")) and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)  # held until the save is done
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    (new_run,) = tmp_path.iterdir()
+    summary = json.loads((new_run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["stopped_by"] == "SIGINT"
+    policy = torch.load(new_run / "policy.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(tensor).all() for tensor in policy.values()) and not list(new_run.glob("*.tmp"))
+
+
+def test_a_full_disk_for_the_summary_is_one_line_and_keeps_the_policy(quick_run, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "summary.tmp").symlink_to("/dev/full")  # a real ENOSPC when summary.json is written
+    command = wrapped_command("--runs-dir", str(tmp_path), *stages_of(quick_run), "--total-episodes", "128",
+                              "--eval-prompts", "16", setup=f"toy.make_run_dir = lambda *_: toy.Path({str(run_dir)!r})")  # fmt: skip
+    result = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot write {run_dir / 'summary.tmp'}: No space left on device; the policy is kept in {run_dir / 'policy.pt'}"
+    ]
+    assert toy.load_checkpoint(str(run_dir / "policy.pt"), "policy")[1]["args"]["total_episodes"] == 128
+
+
+def test_non_finite_probabilities_in_the_rollout_stop_the_run_and_keep_the_last_good_policy(
+    quick_run, tmp_path, monkeypatch
+):
+    real_update, calls = toy.update_policy, []
+
+    def update(policy, *rest):  # the update of iteration 2 leaves finite weights whose logits overflow
+        stats = real_update(policy, *rest)
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                policy.lm_head.weight.fill_(1e38)
+        return stats
+
+    monkeypatch.setattr(toy, "update_policy", update)
+    args = quick_args(
+        tmp_path,
+        total_episodes=256,
+        eval_prompts=16,
+        **dict(zip(["sft_checkpoint", "reward_model_checkpoint"], stages_of(quick_run)[1::2], strict=True)),
+    )
+    with pytest.raises(
+        toy.TrainingDiverged, match="^the next-token probabilities became NaN or infinite; stopped, the policy before"
+    ):
+        toy.train(args)
+    (new_run,) = tmp_path.iterdir()
+    assert json.loads((new_run / "summary.json").read_text())["status"] == "diverged"
+    policy, _ = toy.load_checkpoint(str(new_run / "policy.pt"), "policy")
+    assert policy.lm_head.weight.abs().max() < 1e3  # the weights before the broken update
+
+
+def test_eval_checkpoint_evaluates_the_saved_policy_and_prints_samples(quick_run, tmp_path):
+    summary = quick_run[0]
+    policy_path = Path(summary["run_dir"]) / "policy.pt"
+    command = [sys.executable, str(REPO / "ppo_llm_toy.py"), "--eval-checkpoint", str(policy_path),
+               "--eval-prompts", "128", "--num-sample-texts", "3"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    line, *samples = result.stdout.strip().splitlines()
+    assert (
+        line.startswith(f"{policy_path}: proxy ")
+        and len(samples) == 3
+        and all(s.startswith("    the ") for s in samples)
+    )
+    validity = float(line.split("| valid ")[1].split("%")[0]) / 100
+    assert (
+        validity >= 0.8 and abs(validity - summary["final"]["validity"]) < 0.15
+    )  # the trained policy, not the SFT one
+    # Without the run's other stages, or with a damaged file: one line.
+    alone = tmp_path / "policy.pt"
+    alone.write_bytes(policy_path.read_bytes())
+    broken = torch.load(policy_path, weights_only=True)
+    del broken["config"]
+    torch.save(broken, tmp_path / "broken.pt")
+    for path, message in ((alone, f"checkpoint {tmp_path / 'sft.pt'} does not exist"),
+                          (tmp_path / "broken.pt", "is not a complete checkpoint of ppo_llm_toy: it lacks config")):  # fmt: skip
+        result = subprocess.run([*command[:2], "--eval-checkpoint", str(path)], capture_output=True, text=True)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
