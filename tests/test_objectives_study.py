@@ -86,7 +86,8 @@ def test_a_run_cut_short_is_not_counted_and_is_redone_from_nothing(tmp_path):
 def fake_record(setting, env_id, seed, score):
     steps = [2048 * (i + 1) for i in range(3)]
     per_iteration = {"step": steps, "ratio_max": [1.1, 1.3, 1.25], "exact_kl": [0.01, 0.02, 0.03],
-                     "clipfrac": [0.1, 0.2, 0.3], "explained_variance": [0.5, 0.6, 0.7], "return": [1.0, None, 2.0]}  # fmt: skip
+                     "clipfrac": [0.1, 0.2, 0.3], "explained_variance": [0.5, 0.6, 0.7],
+                     "return": [1.0, None, 2.0]}  # fmt: skip
     return {"key": study.run_key(setting, env_id, seed), "setting": setting, "env_id": env_id, "seed": seed,
             "status": "completed", "mean_return_last100": score, "eval_return_mean": score,
             "per_iteration": per_iteration}  # fmt: skip
@@ -97,7 +98,7 @@ def test_normalized_score_is_the_papers():
     returns = {"none": -300.0, "clip": 1700.0, "kl_adaptive": 700.0, "kl_fixed": 1200.0}
     records = [fake_record(s, e, seed, r + (10 if seed == 2 else -10)) for s, r in returns.items() for e in study.ENVS
                for seed in (1, 2) if e == "HalfCheetah-v4"]  # fmt: skip
-    records.append(fake_record("clip", "Hopper-v4", 1, 2000.0))  # Hopper incomplete: not counted
+    records.append(fake_record("clip", "Hopper-v4", 1, 2000.0))  # Hopper: not every setting has run, not counted
     scores = study.normalized_scores(study.by_cell(records), random_scores)
     # HalfCheetah: random -300 is 0, the best setting (clip, mean 1700 over the seeds) is 1.
     assert scores["clip"] == pytest.approx([1990 / 2000, 2010 / 2000])
@@ -122,3 +123,12 @@ def test_a_run_claimed_by_a_live_study_is_left_to_it(tmp_path):
     assert not study.claim(claim)  # claimed by a study that is alive (this one)
     claim.write_text("999999999")  # a study that was stopped: its claim is taken over
     assert study.claim(claim)
+
+
+def test_normalized_score_counts_the_seeds_every_setting_has():
+    """Walker2d with seed 2 of one setting only: each setting counts seed 1, so the best of seed 1 is the 1."""
+    returns = {"none": 100.0, "clip": 1000.0, "kl_adaptive": 500.0, "kl_fixed": 2000.0}
+    records = [fake_record(s, "Walker2d-v4", 1, r) for s, r in returns.items()]
+    records.append(fake_record("clip", "Walker2d-v4", 2, 9000.0))  # not counted: the others lack seed 2
+    scores = study.normalized_scores(study.by_cell(records), {"Walker2d-v4": 0.0})
+    assert scores == {"none": [0.05], "clip": [0.5], "kl_adaptive": [0.25], "kl_fixed": [1.0]}
