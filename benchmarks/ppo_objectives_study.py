@@ -391,6 +391,12 @@ Y_LABELS = {
 }  # fmt: skip
 
 
+NOTES = {  # what the default-named runs are in each figure
+    "epochs.png": " (clip 0.2, no clipping: 10 epochs)", "gae_lambda.png": " (clip 0.2: lambda 0.95)",
+    "ppo_m.png": " (clip 0.2, no clipping: all the details)",
+}  # fmt: skip
+
+
 def plot(out: Path, cells) -> None:
     import matplotlib
 
@@ -402,7 +408,7 @@ def plot(out: Path, cells) -> None:
         return [i for i, _ in points], [statistics.fmean(v for _, v in points[max(0, k - window + 1) : k + 1])
                                         for k in range(len(points))]  # fmt: skip
 
-    def curves(ax, settings, env_id, field="return", log=False):
+    def curves(ax, settings, env_id, field="return", log=False, note=""):
         for s in settings:
             for r in cells.get((s, env_id), []):
                 series, steps = r["per_iteration"][field], r["per_iteration"]["step"]
@@ -416,7 +422,7 @@ def plot(out: Path, cells) -> None:
                     ax.plot([steps[i] for i in index], values, alpha=0.9, **style)
                 else:
                     ax.plot(steps, series, alpha=0.6, lw=0.8, **style)
-        ax.set_title(env_id)
+        ax.set_title(f"{env_id}{note}")
         ax.set_xlabel("environment steps")
         ax.set_ylabel(Y_LABELS[field])
         if log:
@@ -444,7 +450,7 @@ def plot(out: Path, cells) -> None:
         rows = math.ceil(len(panels) / columns)
         fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4 * rows), squeeze=False)
         for ax, (settings, env_id, field, log) in zip(axes.flat, panels, strict=False):
-            curves(ax, settings, env_id, field, log)
+            curves(ax, settings, env_id, field, log, NOTES.get(name, ""))
             if field == "ratio_max":
                 ax.axhline(1 + EPSILON, color="k", ls="--", lw=1)
         fig.tight_layout()
