@@ -15,7 +15,8 @@ Each run is a process of ppo_continuous.py, exactly what a user runs. A run that
 appends one line to `<out>/results.jsonl` (its settings, command, final figures and per-update
 statistics); the grid skips every run already there, so a stopped study goes on where it stopped. A run
 cut short is started again from nothing, never counted. The report (tables in `<out>/tables.md`, printed
-too, and the figures `<out>/*.png`) is made from results.jsonl alone, from whatever runs are done.
+too, and the figures `<out>/*.png`) is made from results.jsonl alone, from whatever runs are done; the same
+tables are written into the marked blocks of docs/what_ppo_buys.md (a test checks that they are current).
 
     python benchmarks/ppo_objectives_study.py --parallel 2 --out benchmarks/results/ppo_objectives
     python benchmarks/ppo_objectives_study.py --report-only --out benchmarks/results/ppo_objectives
@@ -293,18 +294,48 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def report(out: Path, records: list[dict], random_scores: dict[str, float]) -> str:
     """The five tables as Markdown (also written to <out>/tables.md); the figures as <out>/*.png."""
-    cells = by_cell(records)
-    parts = [
-        f"# The objectives study: {len(records)} of {len(grid())} runs done\n",
-        "Score: the mean return of the last 100 training episodes at 999,424 steps (the paper's measure). A cell "
-        "gives the mean over the seeds done and, in brackets, each seed (1, then 2); '*' marks a run whose loss "
-        "became NaN, scored by its last 100 episodes before it stopped.\n",
-        table_1(cells, random_scores), trust_region_table(cells), data_reuse_table(cells), gae_table(cells),
-        code_level_table(cells),
-    ]  # fmt: skip
+    blocks = page_blocks(records, random_scores)
+    parts = [f"# The objectives study: {len(records)} of {len(grid())} runs done\n", blocks["status"] + "\n"]
+    titles = {
+        "a": "a. Table 1 of the PPO paper at our scale", "b": "b. The trust region in practice (the runs of a)",
+        "c": "c. Data reuse: epochs per rollout, HalfCheetah-v4", "d": "d. GAE's lambda, Hopper-v4 (clipping)",
+        "e": "e. The code-level details (Engstrom et al.'s PPO-M)",
+    }  # fmt: skip
+    parts += [f"## {title}\n\n{blocks[part]}" for part, title in titles.items()]
     text = "\n".join(parts)
     (out / "tables.md").write_text(text)
-    plot(out, cells)
+    plot(out, by_cell(records))
+    return text
+
+
+def page_blocks(records: list[dict], random_scores: dict[str, float]) -> dict[str, str]:
+    """The generated parts of the study's page (docs/what_ppo_buys.md), each between `<!-- study:NAME -->` and
+    `<!-- /study:NAME -->`: the status line and the five tables."""
+    cells = by_cell(records)
+    seed_1 = sum(run_key(*run) in {r["key"] for r in records} for run in grid() if run[2] == 1)
+    status = (
+        f"{len(records)} of the {len(grid())} runs are done ({seed_1} of the 22 with seed 1). Score: the mean "
+        "return of the last 100 training episodes at 999,424 steps (the paper's measure). A cell gives the mean over "
+        "the seeds done and, in brackets, each seed (1, then 2); '*' marks a run whose loss became NaN, scored by "
+        "its last 100 episodes before it stopped."
+    )
+    tables = (table_1(cells, random_scores), trust_region_table(cells), data_reuse_table(cells), gae_table(cells),
+              code_level_table(cells))  # fmt: skip
+    return {
+        "status": status,
+        **{part: table.split("\n\n", 1)[1].strip() for part, table in zip("abcde", tables, strict=True)},
+    }
+
+
+def update_page(page: Path, blocks: dict[str, str]) -> str:
+    """The page's text with each generated block replaced by its current version."""
+    text = page.read_text()
+    for name, block in blocks.items():
+        start, end = f"<!-- study:{name} -->", f"<!-- /study:{name} -->"
+        before, found, rest = text.partition(start)
+        if not found:
+            raise SystemExit(f"error: {page} has no {start} marker")
+        text = before + start + "\n" + block + "\n" + end + rest.partition(end)[2]
     return text
 
 
@@ -464,6 +495,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="runs at the same time (one core each)")
     parser.add_argument("--script", type=Path, default=REPO / "ppo_continuous.py", help="the training script")
     parser.add_argument("--report-only", action="store_true", help="only the tables and figures of the runs done")
+    parser.add_argument("--page", type=Path, default=REPO / "docs" / "what_ppo_buys.md", help="the page to update")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -476,6 +508,8 @@ def main() -> None:
             for future in [pool.submit(work_through, out, args, lock) for _ in range(args.parallel)]:
                 future.result()
     print(report(out, read_records(out), random_scores))
+    args.page.write_text(update_page(args.page, page_blocks(read_records(out), random_scores)))
+    print(f"updated the tables of {args.page}")
 
 
 if __name__ == "__main__":

@@ -132,3 +132,22 @@ def test_normalized_score_counts_the_seeds_every_setting_has():
     records.append(fake_record("clip", "Walker2d-v4", 2, 9000.0))  # not counted: the others lack seed 2
     scores = study.normalized_scores(study.by_cell(records), {"Walker2d-v4": 0.0})
     assert scores == {"none": [0.05], "clip": [0.5], "kl_adaptive": [0.25], "kl_fixed": [1.0]}
+
+
+def test_the_study_page_shows_the_tables_of_the_runs_recorded():
+    """docs/what_ppo_buys.md's generated blocks are those of results.jsonl (regenerate: the study's --report-only)."""
+    out = REPO / "benchmarks" / "results" / "ppo_objectives"
+    random_scores = json.loads((out / "random_policy.json").read_text())
+    page = REPO / "docs" / "what_ppo_buys.md"
+    blocks = study.page_blocks(study.read_records(out), random_scores)
+    assert study.update_page(page, blocks) == page.read_text(), (
+        "stale tables; run: python benchmarks/ppo_objectives_study.py --report-only"
+    )
+
+
+def test_update_page_replaces_only_the_marked_blocks(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("intro\n<!-- study:a -->\nold\n<!-- /study:a -->\nprose\n")
+    assert study.update_page(page, {"a": "new"}) == "intro\n<!-- study:a -->\nnew\n<!-- /study:a -->\nprose\n"
+    with pytest.raises(SystemExit, match="no <!-- study:b --> marker"):
+        study.update_page(page, {"b": "x"})
