@@ -132,6 +132,9 @@ class Args:
     """use CUDA for the networks when a GPU is available (otherwise the CPU is used)"""
     torch_threads: int = 1
     """CPU threads for torch: 64-64 MLPs gain nothing from more, and extra threads stall on busy cores"""
+    compile: bool = False
+    """torch.compile the update's forward pass and loss: the same numbers up to float rounding, faster updates
+    after a compile at the start (timed in the progress line); for long runs"""
     exp_name: str = SCRIPT_NAME
     """the name of this experiment: the first part of the run name `runs/<exp_name>__<env>__<seed>__<time>`"""
     runs_dir: str = "runs"
@@ -516,17 +519,37 @@ class AdaptiveKLController:
             self.value *= 2.0
 
 
-def update_policy(agent: Agent, optimizer, rollout: Rollout, advantages, returns, args: Args, kl_coef=None) -> dict:
+def minibatch_loss(agent: Agent, batch: dict, mb: torch.Tensor, args: Args, kl_coef: float):
+    """The forward pass and the PPO objective on the minibatch mb (indices into the flat rollout `batch`); returns
+    ppo_loss's (loss, statistics). This is the part of the update that --compile hands to torch.compile."""
+    obs = batch["obs"][mb]
+    new_logprobs, entropy, new_values = agent.get_logprob_entropy_value(obs, batch["actions"][mb])
+    kl = None
+    if args.policy_objective == "kl-penalty":  # KL(pi_old(.|s) || pi(.|s)) with its gradient, for L^KLPEN
+        kl = gaussian_kl(batch["old_mean"][mb], batch["old_log_std"], agent.actor_mean(obs), agent.actor_logstd)
+    return ppo_loss(
+        new_logprobs, batch["logprobs"][mb], entropy, new_values, batch["values"][mb], batch["advantages"][mb],
+        batch["returns"][mb], args, kl, kl_coef,
+    )  # fmt: skip
+
+
+def update_policy(
+    agent: Agent, optimizer, rollout: Rollout, advantages, returns, args: Args, kl_coef=None, loss_fn=minibatch_loss
+) -> dict:
     """update_epochs passes over the flattened rollout in shuffled minibatches; returns statistics: means over
     the minibatches, the extreme ratios over all of them, and the exact KL from the policy before the update
-    to the policy after it. kl_coef: beta of L^KLPEN (default --kl-coef; train() passes the adaptive one)."""
+    to the policy after it. kl_coef: beta of L^KLPEN (default --kl-coef; train() passes the adaptive one).
+    loss_fn: minibatch_loss, or its compiled form (--compile)."""
     b_obs = rollout.obs.reshape(-1, rollout.obs.shape[-1])  # (B, obs_dim), B = T * N
-    b_actions = rollout.actions.reshape(-1, rollout.actions.shape[-1])
-    b_logprobs, b_values = rollout.logprobs.reshape(-1), rollout.values.reshape(-1)
-    b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
-    kl_coef = args.kl_coef if kl_coef is None else kl_coef
+    b_values, b_returns = rollout.values.reshape(-1), returns.reshape(-1)
     with torch.no_grad():  # pi_old on the rollout's observations, for L^KLPEN and the KL the update reached
         old_mean, old_log_std = agent.actor_mean(b_obs), agent.actor_logstd.clone()  # (B, action_dim), (1, A)
+    batch = {
+        "obs": b_obs, "actions": rollout.actions.reshape(-1, rollout.actions.shape[-1]),
+        "logprobs": rollout.logprobs.reshape(-1), "values": b_values, "advantages": advantages.reshape(-1),
+        "returns": b_returns, "old_mean": old_mean, "old_log_std": old_log_std,
+    }  # fmt: skip
+    kl_coef = args.kl_coef if kl_coef is None else kl_coef
 
     params = list(agent.parameters())
     totals: dict[str, torch.Tensor] = {}
@@ -537,14 +560,7 @@ def update_policy(agent: Agent, optimizer, rollout: Rollout, advantages, returns
         permutation = torch.randperm(args.batch_size, device=b_obs.device)
         for start in range(0, args.batch_size, args.minibatch_size):
             mb = permutation[start : start + args.minibatch_size]
-            new_logprobs, entropy, new_values = agent.get_logprob_entropy_value(b_obs[mb], b_actions[mb])
-            kl = None
-            if args.policy_objective == "kl-penalty":  # KL(pi_old(.|s) || pi(.|s)) with its gradient, for L^KLPEN
-                kl = gaussian_kl(old_mean[mb], old_log_std, agent.actor_mean(b_obs[mb]), agent.actor_logstd)
-            loss, stats = ppo_loss(
-                new_logprobs, b_logprobs[mb], entropy, new_values, b_values[mb], b_advantages[mb], b_returns[mb], args,
-                kl, kl_coef,
-            )  # fmt: skip
+            loss, stats = loss_fn(agent, batch, mb, args, kl_coef)
             optimizer.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # one global norm over all weights
@@ -583,6 +599,7 @@ def train(args: Args) -> dict:
         reward_scaler = RewardScaler(args.num_envs, args.gamma, enabled=args.norm_reward)
         kl_controller = AdaptiveKLController(args.kl_coef, args.kl_target)  # beta, for --policy-objective kl-penalty
         start_iteration = run.restore(agent, optimizer, obs_normalizer, reward_scaler, kl_controller)  # 1, or resumed
+        loss_fn = run.compile_loss(agent) if args.compile else minibatch_loss  # --compile: torch.compile, timed
         next_obs = obs_normalizer(envs.reset(seed=args.seed + start_iteration - 1)[0])
 
         for iteration in range(start_iteration, args.num_iterations + 1):
@@ -599,7 +616,7 @@ def train(args: Args) -> dict:
             )  # fmt: skip
 
             # UPDATE NETWORK
-            stats = update_policy(agent, optimizer, rollout, advantages, returns, args, kl_controller.value)
+            stats = update_policy(agent, optimizer, rollout, advantages, returns, args, kl_controller.value, loss_fn)
             if args.adaptive_kl:  # section 4 of arXiv:1707.06347: beta follows the KL this update reached
                 kl_controller.update(stats["exact_kl"])
 
@@ -666,7 +683,7 @@ class Run:
         self.start_step = self.checkpoint["global_step"] if self.checkpoint else 0
         self.global_step, self.iteration, self.saved_iteration = self.start_step, 0, None
         self.episodes, self.recent_returns = 0, deque(maxlen=100)
-        self.env_time = self.inference_time = self.update_time = 0.0
+        self.env_time = self.inference_time = self.update_time = self.compile_time = 0.0
         self.status, self.stopped_by, self.training_done, self.summary = "completed", None, False, {}
         self.error = None  # the OSError or TrainingDiverged that stopped the run
         if args.track:
@@ -725,6 +742,30 @@ class Run:
         print(f"resuming {self.checkpoint_path} at step {self.global_step:,} (iteration {c['iteration'] + 1})")
         return c["iteration"] + 1
 
+    def compile_loss(self, agent: Agent):
+        """--compile: torch.compile(minibatch_loss), compiled here on a rollout of zeros (forward and backward) so
+        that the compile is timed apart from training: the progress line reports it; SPS and wall time include it."""
+        start = time.perf_counter()
+        compiled = torch.compile(minibatch_loss)  # the shapes never change (an adaptive beta recompiles it once)
+        obs_dim, action_dim = agent.actor_mean[0].in_features, agent.actor_logstd.shape[-1]
+        batch_size, zeros = self.args.batch_size, lambda *shape: torch.zeros(shape, device=self.device)  # noqa: E731
+        batch = {
+            "obs": zeros(batch_size, obs_dim), "actions": zeros(batch_size, action_dim), "logprobs": zeros(batch_size),
+            "values": zeros(batch_size), "advantages": zeros(batch_size), "returns": zeros(batch_size),
+            "old_mean": zeros(batch_size, action_dim), "old_log_std": zeros(1, action_dim),
+        }  # fmt: skip
+        minibatch = torch.arange(self.args.minibatch_size, device=self.device)
+        try:
+            loss, _ = compiled(agent, batch, minibatch, self.args, self.args.kl_coef)
+            loss.backward()
+        except Exception as e:  # e.g. no C++ compiler for the CPU backend
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            raise ConfigError(f"--compile failed ({reason}); run without it") from None
+        agent.zero_grad(set_to_none=True)  # the zeros' gradients are not part of training
+        self.compile_time = time.perf_counter() - start
+        self.iteration_start = time.perf_counter()  # the time split counts training from here
+        return compiled
+
     def log(self, iteration: int, stats: dict) -> None:
         """Check the loss, then log the iteration's scalars under the tags of the popular single-file scripts."""
         if not math.isfinite(stats["loss"]):
@@ -768,7 +809,7 @@ class Run:
         return (
             f"step {self.global_step:>10,}/{total:,} | {sps:5.0f} SPS | ETA {eta} | return {recent} "
             f"(last {len(self.recent_returns)}) | time env {self.env_time:.0f}s inference {self.inference_time:.0f}s "
-            f"update {self.update_time:.0f}s"
+            f"update {self.update_time:.0f}s" + (f" compile {self.compile_time:.0f}s" if self.compile_time else "")
         )
 
     def save_if_due(self, iteration: int) -> None:
@@ -1026,8 +1067,8 @@ RESUME_KEYS = {"optimizer", "return_rms", "rng"}
 
 # Flags that change only how a run is logged, saved, evaluated or placed: a resumed run may change them.
 RESUME_MAY_CHANGE = {
-    "cuda", "torch_threads", "exp_name", "runs_dir", "track", "wandb_project_name", "wandb_entity", "save_interval",
-    "resume", "eval_checkpoint", "eval_episodes", "eval_stochastic", "capture_video",
+    "cuda", "torch_threads", "compile", "exp_name", "runs_dir", "track", "wandb_project_name", "wandb_entity",
+    "save_interval", "resume", "eval_checkpoint", "eval_episodes", "eval_stochastic", "capture_video",
 }  # fmt: skip
 
 

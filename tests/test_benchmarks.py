@@ -108,3 +108,9 @@ def test_env_stack_throughput_measures_each_way_and_names_the_versions(tmp_path)
     assert set(saved["sps"]) == {"make", "make_no_checker", "unwrapped", "make_vector_env"}, saved["skipped"]
     assert all(len(v) == 2 and min(v) > 0 for v in saved["sps"].values())
     assert set(saved["versions"]) == {"gymnasium", "mujoco", "numpy"} and all(saved["versions"].values())
+
+
+def test_compile_end_to_end_needs_a_reference_for_its_third_run():
+    result = run(sys.executable, "benchmarks/compile_end_to_end.py", "--order", "ABC")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith("--order is made of A, B and C; C needs --reference")

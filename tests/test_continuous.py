@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -586,6 +587,44 @@ def test_the_default_objective_computes_what_the_version_before_the_objectives_d
     assert torch.equal(before["rng"]["torch"], after["rng"]["torch"])
 
 
+def test_compile_gives_the_same_run_up_to_float_rounding_and_times_its_compile(tmp_path, capsys):
+    """--compile (torch.compile of minibatch_loss): the same seed gives the same weights up to float rounding, the
+    progress line reports the compile, and the compiled function is the one each minibatch calls."""
+    args = tiny_args(tmp_path, total_timesteps=512, update_epochs=1)
+    eager = torch.load(pc.train(args)["checkpoint"], weights_only=True)["model"]
+    capsys.readouterr()
+    calls, real_update = [], pc.update_policy
+
+    def spy(*rest):
+        calls.append(rest[-1])  # loss_fn
+        return real_update(*rest)
+
+    pc.update_policy = spy
+    try:
+        summary = pc.train(replace(args, compile=True, runs_dir=str(tmp_path / "compiled")))
+    finally:
+        pc.update_policy = real_update
+    compiled = torch.load(summary["checkpoint"], weights_only=True)["model"]
+    assert len(calls) == 2 and all(fn is not pc.minibatch_loss and fn is calls[0] for fn in calls)
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5)
+    first_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("step"))
+    assert re.search(r" compile \d+s$", first_line), first_line
+
+
+def test_a_compile_that_fails_is_one_line_and_no_traceback(tmp_path, monkeypatch):
+    def compile_without_a_compiler(function):
+        def compiled(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(traceback of the backend)")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile_without_a_compiler)
+    with pytest.raises(pc.ConfigError, match=r"^--compile failed \(RuntimeError: InvalidCxxCompiler: No working C\+\+ "
+                       r"compiler found\); run without it$"):  # fmt: skip
+        pc.train(tiny_args(tmp_path, compile=True))
+
+
 def test_code_level_switches_turn_each_detail_off():
     # --no-norm-obs: the policy sees the raw observation; --no-norm-reward: it learns from the raw reward.
     raw = np.array([[100.0, -50.0, 3.0]])
@@ -709,9 +748,10 @@ def test_interrupted_run_saves_and_resumes_to_the_end(tmp_path):
     ]  # fmt: skip
     process = subprocess.Popen([sys.executable, SCRIPT, *flags], cwd=REPO, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    deadline = time.time() + 60
+    deadline = time.time() + 180  # a busy 2-core machine can take a minute to import and run one iteration
     while not list(tmp_path.glob("*/checkpoint.pt")) and time.time() < deadline:
         time.sleep(0.1)
+    assert list(tmp_path.glob("*/checkpoint.pt")), "no checkpoint after 180 s: the signal would come before training"
     process.send_signal(signal.SIGTERM)
     stdout, _ = process.communicate(timeout=60)
     assert process.returncode == 143, stdout  # 128 + SIGTERM's number, as is conventional (Ctrl-C: 130)
