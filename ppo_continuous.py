@@ -133,8 +133,8 @@ class Args:
     torch_threads: int = 1
     """CPU threads for torch: 64-64 MLPs gain nothing from more, and extra threads stall on busy cores"""
     compile: bool = False
-    """torch.compile the update's forward pass and loss: the same numbers up to float rounding, faster updates
-    after a compile at the start (timed in the progress line); for long runs"""
+    """torch.compile the update's forward pass and loss (the same numbers up to float rounding), compiled at the
+    start and timed in the progress line; see docs/ppo_continuous.md for when it pays"""
     exp_name: str = SCRIPT_NAME
     """the name of this experiment: the first part of the run name `runs/<exp_name>__<env>__<seed>__<time>`"""
     runs_dir: str = "runs"
