@@ -73,14 +73,19 @@ def stack(python: str) -> dict:
     return json.loads(subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
-def last_sps(run_root: Path) -> float:
-    """The last charts/SPS scalar logged under run_root (one run folder in it)."""
+def logged_scalars(run_root: Path, *tags: str) -> dict[str, list[float]]:
+    """Every value of each tag logged to TensorBoard under run_root (one run folder in it), in the order logged."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     (events_file,) = run_root.rglob("events.out.tfevents.*")
     events = EventAccumulator(str(events_file.parent), size_guidance={"scalars": 0})
     events.Reload()
-    return float(events.Scalars("charts/SPS")[-1].value)
+    return {tag: [event.value for event in events.Scalars(tag)] for tag in tags}
+
+
+def last_sps(run_root: Path) -> float:
+    """The last charts/SPS scalar logged under run_root (one run folder in it)."""
+    return float(logged_scalars(run_root, "charts/SPS")["charts/SPS"][-1])
 
 
 def run_once(python: str, script: str, flags: list[str], workdir: Path, env: dict) -> float:

@@ -27,18 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_reference import REPO, last_sps, machine, stack  # noqa: E402
-
-
-def last_100_return(run_root: Path) -> float | None:
-    """The mean of the last 100 `charts/episodic_return` scalars logged under run_root."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    (events_file,) = run_root.rglob("events.out.tfevents.*")
-    events = EventAccumulator(str(events_file.parent), size_guidance={"scalars": 0})
-    events.Reload()
-    returns = [event.value for event in events.Scalars("charts/episodic_return")][-100:]
-    return sum(returns) / len(returns) if returns else None
+from compare_reference import REPO, logged_scalars, machine, stack  # noqa: E402
 
 
 def run_once(side: str, command: list[str], workdir: Path) -> dict:
@@ -49,9 +38,12 @@ def run_once(side: str, command: list[str], workdir: Path) -> dict:
     if result.returncode != 0:
         sys.exit(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
     compile_times = re.findall(r" compile (\d+)s", result.stdout)
+    logged = logged_scalars(workdir, "charts/SPS", "charts/episodic_return")
+    last_100 = logged["charts/episodic_return"][-100:]  # the mean return of the last 100 training episodes
     return {
-        "side": side, "wall_s": round(wall, 1), "sps": round(last_sps(workdir), 1),
-        "compile_s": int(compile_times[-1]) if compile_times else None, "mean_return": last_100_return(workdir),
+        "side": side, "wall_s": round(wall, 1), "sps": round(logged["charts/SPS"][-1], 1),
+        "compile_s": int(compile_times[-1]) if compile_times else None,
+        "mean_return": sum(last_100) / len(last_100) if last_100 else None,
     }  # fmt: skip
 
 
