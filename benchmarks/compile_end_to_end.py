@@ -78,20 +78,27 @@ def main() -> None:
                 compiled = f", compile {r['compile_s']}s" if r["compile_s"] is not None else ""
                 print(f"{side:>15}: {r['wall_s']:7.1f} s wall, {r['sps']:6.0f} SPS{compiled}, "
                       f"return {r['mean_return']}", flush=True)  # fmt: skip
+                write_results(args, runs, before, final=False)  # a long study stopped half way keeps its runs
+    write_results(args, runs, before, final=True)
+
+
+def write_results(args, runs: list[dict], before, final: bool) -> None:
+    """<out>/results.json from the runs so far ("complete": whether all of them ran); at the end, prints the ratios."""
     wall = {}
     for r in runs:
         wall.setdefault(r["side"], []).append(r["wall_s"])
     mean_wall = {side: sum(values) / len(values) for side, values in wall.items()}
     # How many times faster a is than b, wall time against wall time.
     ratios = {f"{a} / {b}": mean_wall[b] / mean_wall[a] for a in mean_wall for b in mean_wall if a < b}
-    for name, ratio in ratios.items():
-        print(f"{name}: {ratio:.2f}x faster (wall time)")
+    if final:
+        for name, ratio in ratios.items():
+            print(f"{name}: {ratio:.2f}x faster (wall time)")
     result = {
         "env_id": args.env_id, "total_timesteps": args.total_timesteps, "seed": args.seed, "order": args.order,
         "reference": Path(args.reference).name if args.reference else None, "runs": runs, "mean_wall_s": mean_wall,
         "speedup": ratios, "stack": {"ours": stack(sys.executable), "reference": stack(args.reference_python)},
         "machine": machine(), "load_average_before": before, "load_average_after": os.getloadavg(),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "date": time.strftime("%Y-%m-%d %H:%M"), "complete": final,
     }  # fmt: skip
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
