@@ -69,6 +69,11 @@ def main() -> None:
         "C": ("reference", [args.reference_python, str(Path(args.reference or "").resolve()), *common, "--no-cuda"]),
     }
     before, runs = os.getloadavg(), []
+    # Read once: neither changes between runs, and each stack() starts a Python of its own.
+    setting = {
+        "stack": {"ours": stack(sys.executable), "reference": stack(args.reference_python)},
+        "machine": machine(),
+    }
     with tempfile.TemporaryDirectory() as scratch:
         for i in range(args.repeat):
             for letter in args.order:
@@ -78,11 +83,11 @@ def main() -> None:
                 compiled = f", compile {r['compile_s']}s" if r["compile_s"] is not None else ""
                 print(f"{side:>15}: {r['wall_s']:7.1f} s wall, {r['sps']:6.0f} SPS{compiled}, "
                       f"return {r['mean_return']}", flush=True)  # fmt: skip
-                write_results(args, runs, before, final=False)  # a long study stopped half way keeps its runs
-    write_results(args, runs, before, final=True)
+                write_results(args, runs, setting, before, final=False)  # a comparison stopped half way keeps its runs
+    write_results(args, runs, setting, before, final=True)
 
 
-def write_results(args, runs: list[dict], before, final: bool) -> None:
+def write_results(args, runs: list[dict], setting: dict, before, final: bool) -> None:
     """<out>/results.json from the runs so far ("complete": whether all of them ran); at the end, prints the ratios."""
     wall = {}
     for r in runs:
@@ -96,8 +101,7 @@ def write_results(args, runs: list[dict], before, final: bool) -> None:
     result = {
         "env_id": args.env_id, "total_timesteps": args.total_timesteps, "seed": args.seed, "order": args.order,
         "reference": Path(args.reference).name if args.reference else None, "runs": runs, "mean_wall_s": mean_wall,
-        "speedup": ratios, "stack": {"ours": stack(sys.executable), "reference": stack(args.reference_python)},
-        "machine": machine(), "load_average_before": before, "load_average_after": os.getloadavg(),
+        "speedup": ratios, **setting, "load_average_before": before, "load_average_after": os.getloadavg(),
         "date": time.strftime("%Y-%m-%d %H:%M"), "complete": final,
     }  # fmt: skip
     if args.out:
