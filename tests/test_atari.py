@@ -372,6 +372,23 @@ def test_channels_last_and_bf16_compute_the_same_function():
     assert not torch.equal(lp_bf16, lp_plain)  # bfloat16 was really used
 
 
+def test_bf16_pixels_go_straight_to_bfloat16_with_the_numbers_of_the_float32_path():
+    """Under --bf16 features() converts the uint8 pixels to bfloat16 directly: bitwise what the float32 pixels / 255,
+    cast by autocast at the first convolution, give; the forward pass and the gradients are those of that path."""
+    torch.manual_seed(0)
+    agent = pa.Agent(4, channels_last=True, bf16=True)
+    obs = torch.randint(0, 256, (4, 4, 84, 84), dtype=torch.uint8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        direct = agent.features(obs)
+        direct.float().sum().backward()
+        grads = [p.grad.clone() for p in agent.network.parameters()]
+        agent.zero_grad()
+        via_float32 = agent.network(obs.to(torch.float32, memory_format=torch.channels_last) * (1.0 / 255.0))
+        via_float32.float().sum().backward()
+    assert direct.dtype == torch.bfloat16 and torch.equal(direct, via_float32)
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, agent.network.parameters(), strict=True))
+
+
 @pytest.mark.parametrize(
     ("gpu", "flags", "expected"),
     [(False, "fpu avx512f avx512_bf16", True), (False, "fpu amx_bf16 amx_tile", True), (False, "fpu avx512f avx2", False),
