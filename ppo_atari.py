@@ -492,14 +492,13 @@ class Agent(nn.Module):
         # log-probs and values and the update's are computed alike and the ratio is exactly 1
         # before the first gradient step. Weights, gradients and Adam stay float32.
         self.bf16 = bf16
-        self.pixel_dtype = torch.bfloat16 if bf16 else torch.float32  # the dtype the first convolution reads
 
     def features(self, obs: torch.Tensor) -> torch.Tensor:
         """obs: (B, 4, 84, 84) uint8 -> (B, 512); called inside forward()'s autocast."""
         # The layout is changed on the 1-byte pixels, then they are converted straight to the dtype the first
         # convolution reads (0..255 are exact in bfloat16, and x / 255 rounds to what autocast's cast of the
         # float32 pixels / 255 gives): the same numbers as float32 first, in under half the time.
-        x = obs.contiguous(memory_format=self.memory_format).to(self.pixel_dtype)
+        x = obs.contiguous(memory_format=self.memory_format).to(torch.bfloat16 if self.bf16 else torch.float32)
         return self.network(x * (1.0 / 255.0))
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
