@@ -1,6 +1,6 @@
 """The benchmark tools that cannot be measured here still work here: benchmarks/gpu_check.py refuses without a
 GPU and its commands only use flags the scripts have; make_reference_venv.sh and env_stack_throughput.py
-start. No timing: these check behaviour only."""
+start; compile_action_probe.py times what it says. No timing: these check behaviour only."""
 
 import json
 import os
@@ -114,3 +114,17 @@ def test_compile_end_to_end_needs_a_reference_for_its_third_run():
     result = run(sys.executable, "benchmarks/compile_end_to_end.py", "--order", "ABC")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].endswith("--order is made of A, B and C; C needs --reference")
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_compile_action_probe_times_the_action_apart_from_the_step():
+    import compile_action_probe
+
+    result = run(sys.executable, "-c", compile_action_probe.CHILD, str(REPO), "eager", "Hopper-v4", "64")
+    assert result.returncode == 0, result.stderr
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(measured) == {"action_us", "step_us", "compile_s", "checksum"}
+    assert 0 < measured["action_us"] < measured["step_us"] and measured["compile_s"] == 0.0
+    again = json.loads(run(sys.executable, "-c", compile_action_probe.CHILD, str(REPO), "eager", "Hopper-v4", "64")
+                       .stdout.strip().splitlines()[-1])  # fmt: skip
+    assert again["checksum"] == measured["checksum"] != 0.0  # the same seed draws the same actions
