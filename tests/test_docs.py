@@ -146,7 +146,8 @@ def test_the_side_by_side_alignment_pairs_equal_lines_and_keeps_the_rest():
     assert docs_tool.differing_lines(rows, [a, b]) == [2]
 
 
-def test_the_terminal_form_prints_the_aligned_versions(capsys):
+def test_the_terminal_form_prints_the_aligned_versions(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # the columns fit the terminal: make it wide whatever runs the tests
     assert docs_tool.print_function("compute_gae", ["ppo_continuous.py", "ppo_atari.py"], unified=True) == 0
     assert capsys.readouterr().out == ""  # identical in the two classic scripts: an empty diff
     assert docs_tool.print_function("ppo_loss", list(docs_tool.SCRIPTS), unified=False) == 0
