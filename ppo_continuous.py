@@ -218,11 +218,15 @@ class RunningMeanStd:
         self.count = 1e-4
 
     def update(self, batch: np.ndarray) -> None:
-        # The batch mean and variance as sums: the same numbers as batch.mean() and batch.var(), in half
-        # the time (this runs twice per env step).
+        # This runs twice per env step, so it is written for speed, with the same numbers: a batch of one (the
+        # default, one env) has its sample as mean and variance 0; a larger batch's mean and variance are sums,
+        # the same numbers as batch.mean() and batch.var() in half the time.
         batch_count = batch.shape[0]
-        batch_mean = batch.sum(axis=0) / batch_count
-        batch_var = ((batch - batch_mean) ** 2).sum(axis=0) / batch_count
+        if batch_count == 1:
+            batch_mean, batch_var = batch[0], 0.0
+        else:
+            batch_mean = batch.sum(axis=0) / batch_count
+            batch_var = ((batch - batch_mean) ** 2).sum(axis=0) / batch_count
         delta = batch_mean - self.mean
         total = self.count + batch_count
         self.mean = self.mean + delta * batch_count / total

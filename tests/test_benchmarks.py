@@ -1,6 +1,7 @@
 """The benchmark tools that cannot be measured here still work here: benchmarks/gpu_check.py refuses without a
 GPU and its commands only use flags the scripts have; make_reference_venv.sh and env_stack_throughput.py
-start; compile_action_probe.py times what it says. No timing: these check behaviour only."""
+start; compile_action_probe.py times what it says; rollout_interleaved.py tells copies that compute the same
+from one that does not. No timing: these check behaviour only."""
 
 import json
 import os
@@ -128,3 +129,29 @@ def test_compile_action_probe_times_the_action_apart_from_the_step():
     again = json.loads(run(sys.executable, "-c", compile_action_probe.CHILD, str(REPO), "eager", "Hopper-v4", "64")
                        .stdout.strip().splitlines()[-1])  # fmt: skip
     assert again["checksum"] == measured["checksum"] != 0.0  # the same seed draws the same actions
+
+
+def test_rollout_interleaved_tells_copies_that_compute_the_same_from_one_that_does_not(tmp_path):
+    same, other = tmp_path / "same.py", tmp_path / "other.py"
+    script = (REPO / "ppo_continuous.py").read_text()
+    same.write_text(script)
+    sample = "return mean + self.actor_logstd.exp() * torch.randn_like(mean)"
+    assert script.count(sample) == 1
+    other.write_text(script.replace(sample, sample.replace("exp()", "exp() * 0.5")))  # a narrower policy
+    for copies, expect_same in (
+        ((REPO / "ppo_continuous.py", same), True),
+        ((REPO / "ppo_continuous.py", other), False),
+    ):
+        out = tmp_path / f"{expect_same}.json"
+        result = run(sys.executable, "benchmarks/rollout_interleaved.py", "--scripts", *map(str, copies),
+                     "--env-id", "InvertedPendulum-v4", "--steps", "32", "--rounds", "3", "--out", str(out))  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        saved = json.loads(out.read_text())
+        assert saved["same_rollouts"] is expect_same
+        assert saved["first_difference_round"] == (None if expect_same else 0)
+        assert all(len(times) == 3 and min(times) > 0 for times in saved["us_per_step"].values())
+        assert saved["summary"][str(copies[0])]["ratio_to_first_median"] == 1.0
+    result = run(sys.executable, "benchmarks/rollout_interleaved.py", "--scripts", str(same))
+    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].endswith(
+        "needs two or more copies to compare"
+    )

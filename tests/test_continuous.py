@@ -258,6 +258,24 @@ def test_observation_statistics_are_shared_across_envs():
     np.testing.assert_allclose(normalizer.rms.mean, everything.mean(0), rtol=1e-4)  # not updated
 
 
+@pytest.mark.parametrize("shape", [(3,), ()], ids=["observation", "return"])
+def test_running_statistics_of_one_env_and_of_mixed_batches_are_numpys(shape):
+    # One env feeds batches of one (RunningMeanStd's own branch); several envs feed larger batches.
+    rng = np.random.default_rng(1)
+    sizes = [1] * 300 + [4, 1, 7, 1, 1, 2] * 20
+    batches = [rng.normal(-2.0, 3.0, size=(n, *shape)) for n in sizes]
+    single, mixed = pc.RunningMeanStd(shape), pc.RunningMeanStd(shape)
+    for batch in batches[:300]:
+        single.update(batch)
+    for batch in batches:
+        mixed.update(batch)
+    for rms, data in ((single, np.concatenate(batches[:300])), (mixed, np.concatenate(batches))):
+        np.testing.assert_allclose(rms.mean, data.mean(0), rtol=1e-5)
+        np.testing.assert_allclose(rms.var, data.var(0), rtol=1e-5)
+        assert np.shape(rms.mean) == shape and np.shape(rms.var) == shape
+        assert rms.count == pytest.approx(len(data) + 1e-4)
+
+
 def test_reward_scaler_divides_by_return_std_without_centering():
     scaler = pc.RewardScaler(num_envs=2, gamma=0.9)
     for _ in range(200):

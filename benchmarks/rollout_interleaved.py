@@ -1,0 +1,103 @@
+"""The rollout of copies of ppo_continuous.py timed in one process, alternating rollout by rollout.
+
+profile_phases.py gives each copy its own process; on a machine whose speed drifts by tens of percent within a
+minute, two copies a few percent apart then cannot be told apart. Here every copy is imported into the same
+process, gets its own env, agent and normalizers (same seed), and the copies take turns: one collect_rollout of
+--steps steps each, --rounds times (A B A B ...). A slow spell then hits neighbouring rollouts of both copies,
+and the median of the per-round ratios (first copy's time / each other copy's) is what to read.
+
+Each copy keeps its own torch random state, so copies that compute the same numbers produce the same rollouts:
+the script checks that, round by round, and says where they part.
+
+    git show HEAD:ppo_continuous.py > /tmp/a/ppo_continuous.py   # and edit a second copy
+    python benchmarks/rollout_interleaved.py --scripts /tmp/a/ppo_continuous.py /tmp/b/ppo_continuous.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+
+def load_copy(path: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scripts", nargs="+", required=True, help="two or more copies of ppo_continuous.py")
+    parser.add_argument("--env-id", default="Hopper-v4")
+    parser.add_argument("--steps", type=int, default=1024, help="env steps per rollout")
+    parser.add_argument("--rounds", type=int, default=40, help="rollouts of each copy, alternating")
+    parser.add_argument("--out", help="a JSON file for the timings")
+    options = parser.parse_args()
+    if len(options.scripts) < 2:
+        sys.exit("error: --scripts needs two or more copies to compare")
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+
+    copies = {}
+    for index, path in enumerate(options.scripts):
+        ppo = load_copy(str(Path(path).resolve()), f"ppo_copy_{index}")
+        torch.manual_seed(1)
+        envs = ppo.make_vector_env(options.env_id, 1)
+        obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
+        agent = ppo.Agent(obs_dim, action_dim)
+        obs_normalizer, reward_scaler = ppo.ObservationNormalizer((obs_dim,)), ppo.RewardScaler(1, 0.99)
+        next_obs = obs_normalizer(envs.reset(seed=1)[0])
+        copies[path] = {"ppo": ppo, "envs": envs, "agent": agent, "obs_normalizer": obs_normalizer,
+                        "reward_scaler": reward_scaler, "next_obs": next_obs, "rng": torch.get_rng_state()}  # fmt: skip
+
+    us_per_step = {path: [] for path in copies}
+    first_difference = None
+    for round_index in range(options.rounds):
+        checksums = []
+        for path, c in copies.items():
+            torch.set_rng_state(c["rng"])
+            start = time.perf_counter()
+            rollout, c["next_obs"] = c["ppo"].collect_rollout(
+                c["envs"], c["agent"], c["obs_normalizer"], c["reward_scaler"], c["next_obs"], options.steps
+            )
+            us_per_step[path].append((time.perf_counter() - start) / options.steps * 1e6)
+            c["rng"] = torch.get_rng_state()
+            checksums.append(float(rollout.actions.double().sum() + rollout.rewards.double().sum()))
+        if first_difference is None and len(set(checksums)) > 1:
+            first_difference = round_index
+
+    first = options.scripts[0]
+    summary = {}
+    for path, times in us_per_step.items():
+        ratios = [a / b for a, b in zip(us_per_step[first], times, strict=True)]
+        summary[path] = {"median_us_per_step": statistics.median(times), "min_us_per_step": min(times),
+                         "ratio_to_first_median": statistics.median(ratios),
+                         "ratio_to_first_quartiles": statistics.quantiles(ratios, n=4)}  # fmt: skip
+        s = summary[path]
+        print(f"{path}: median {s['median_us_per_step']:.1f} us/step (min {s['min_us_per_step']:.1f}); "
+              f"first / this, per round: median {s['ratio_to_first_median']:.3f}, quartiles "
+              + ", ".join(f"{q:.3f}" for q in s["ratio_to_first_quartiles"]))  # fmt: skip
+    same = (
+        "the same rollouts in every round"
+        if first_difference is None
+        else f"rollouts differ from round {first_difference}"
+    )
+    print(same)
+    if options.out:
+        Path(options.out).parent.mkdir(parents=True, exist_ok=True)
+        record = {"command": " ".join(["python", *sys.argv]), "env_id": options.env_id, "steps": options.steps, "rounds": options.rounds, "same_rollouts": first_difference is None,
+                  "first_difference_round": first_difference, "us_per_step": us_per_step, "summary": summary}  # fmt: skip
+        Path(options.out).write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
