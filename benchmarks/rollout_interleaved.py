@@ -51,10 +51,12 @@ def main() -> None:
     for index, path in enumerate(options.scripts):
         ppo = load_copy(str(Path(path).resolve()), f"ppo_copy_{index}")
         torch.manual_seed(1)
-        envs = ppo.make_vector_env(options.env_id, 1)
+        args = ppo.Args(env_id=options.env_id)  # the copy's own defaults
+        envs = ppo.make_vector_env(options.env_id, args.num_envs)
         obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
         agent = ppo.Agent(obs_dim, action_dim)
-        obs_normalizer, reward_scaler = ppo.ObservationNormalizer((obs_dim,)), ppo.RewardScaler(1, 0.99)
+        obs_normalizer = ppo.ObservationNormalizer((obs_dim,))
+        reward_scaler = ppo.RewardScaler(args.num_envs, args.gamma)
         next_obs = obs_normalizer(envs.reset(seed=1)[0])
         copies[path] = {"ppo": ppo, "envs": envs, "agent": agent, "obs_normalizer": obs_normalizer,
                         "reward_scaler": reward_scaler, "next_obs": next_obs, "rng": torch.get_rng_state()}  # fmt: skip
@@ -86,16 +88,17 @@ def main() -> None:
         print(f"{path}: median {s['median_us_per_step']:.1f} us/step (min {s['min_us_per_step']:.1f}); "
               f"first / this, per round: median {s['ratio_to_first_median']:.3f}, quartiles "
               + ", ".join(f"{q:.3f}" for q in s["ratio_to_first_quartiles"]))  # fmt: skip
-    same = (
+    print(
         "the same rollouts in every round"
         if first_difference is None
         else f"rollouts differ from round {first_difference}"
     )
-    print(same)
     if options.out:
         Path(options.out).parent.mkdir(parents=True, exist_ok=True)
-        record = {"command": " ".join(["python", *sys.argv]), "env_id": options.env_id, "steps": options.steps, "rounds": options.rounds, "same_rollouts": first_difference is None,
-                  "first_difference_round": first_difference, "us_per_step": us_per_step, "summary": summary}  # fmt: skip
+        record = {"command": " ".join(["python", *sys.argv]), "env_id": options.env_id, "steps": options.steps,
+                  "rounds": options.rounds, "same_rollouts": first_difference is None,
+                  "first_difference_round": first_difference, "us_per_step": us_per_step,
+                  "summary": summary}  # fmt: skip
         Path(options.out).write_text(json.dumps(record, indent=1))
 
 
