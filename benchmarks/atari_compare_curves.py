@@ -1,4 +1,4 @@
-"""Learning curves of several ppo_atari.py runs side by side (e.g. float32 vs bfloat16, same seed).
+r"""Learning curves of several ppo_atari.py runs side by side (e.g. float32 vs bfloat16, same seed).
 
 Reads `charts/episodic_return` (full-game, unclipped score) from each run's TensorBoard events,
 also of runs still in progress, or from the `curves.csv` that run_benchmark.py wrote for a run, and

@@ -1,4 +1,4 @@
-"""Raw environment throughput of ppo_atari.py's two env paths: random actions, no network.
+r"""Raw environment throughput of ppo_atari.py's two env paths: random actions, no network.
 
 This is the ceiling for training SPS: the rollout phase can only be slower. Each path is built by
 ppo_atari.make_vector_env (the very preprocessing training uses) and stepped with uniform random

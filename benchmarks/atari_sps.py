@@ -1,4 +1,4 @@
-"""Training speed of ppo_atari.py: SPS and its time breakdown for several configurations.
+r"""Training speed of ppo_atari.py: SPS and its time breakdown for several configurations.
 
 Each configuration is one short training run of the script itself, in its own process (exactly what
 a user runs), at the default hyperparameters (8 envs x 128 steps, 4 epochs x 4 minibatches) unless

@@ -1,4 +1,4 @@
-"""Speed of one of our scripts against a reference script, side by side on this machine.
+r"""Speed of one of our scripts against a reference script, side by side on this machine.
 
 The two run alternately (ours, reference, ours, reference, ...: A B A B), same env, same settings, same
 number of steps, each in a fresh process, so that a change in the machine's speed during the measurement

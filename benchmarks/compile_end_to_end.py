@@ -1,4 +1,4 @@
-"""A long run end to end: ppo_continuous.py with --compile, the same command without it, and a reference script.
+r"""A long run end to end: ppo_continuous.py with --compile, the same command without it, and a reference script.
 
 The three run one after the other, each in a fresh process, in the order given by --order (default A B C: ours
 with --compile, ours, the reference), --repeat times over. Measured for each: the wall time of the whole process

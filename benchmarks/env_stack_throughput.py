@@ -1,4 +1,4 @@
-"""Raw throughput of a MuJoCo env through each layer of the stack: random actions, no network.
+r"""Raw throughput of a MuJoCo env through each layer of the stack: random actions, no network.
 
 Four ways to step the same env, measured alternately (A B C D A B C D ...) so that a change in the machine's
 speed hits all alike: `gym.make(id)` (the default wrapper stack: TimeLimit, OrderEnforcing, the env checker),

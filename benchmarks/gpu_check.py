@@ -1,4 +1,4 @@
-"""The GPU check: every CUDA path of the three scripts and both speed comparisons with --cuda, in under 8 minutes.
+r"""The GPU check: every CUDA path of the three scripts and both speed comparisons with --cuda, in under 8 minutes.
 
 On a machine with a CUDA GPU, from the repository's root:
 

@@ -1,4 +1,4 @@
-"""Run a training script over envs x seeds; collect returns, evaluation scores, wall time and SPS.
+r"""Run a training script over envs x seeds; collect returns, evaluation scores, wall time and SPS.
 
 Each run is a separate process of the script itself (exactly what a user runs). After training, the
 saved checkpoint is evaluated in a fresh process with `--eval-checkpoint` (frozen normalization

@@ -1,8 +1,10 @@
 """The benchmark tools that cannot be measured here still work here: benchmarks/gpu_check.py refuses without a
 GPU and its commands only use flags the scripts have; make_reference_venv.sh and env_stack_throughput.py
 start; compile_action_probe.py times what it says; rollout_interleaved.py tells copies that compute the same
-from one that does not. No timing: these check behaviour only."""
+from one that does not; the docstrings shown by --help keep their commands copyable. No timing: these check
+behaviour only."""
 
+import ast
 import json
 import os
 import re
@@ -155,3 +157,14 @@ def test_rollout_interleaved_tells_copies_that_compute_the_same_from_one_that_do
     assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].endswith(
         "needs two or more copies to compare"
     )
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "benchmarks").glob("*.py")), ids=lambda p: p.name)
+def test_benchmark_docstrings_keep_the_line_continuations_of_their_commands(path):
+    """A command written over several lines with a trailing backslash in a module docstring must keep its
+    backslashes in --help (and pydoc): in a plain string a backslash-newline joins the lines into one with
+    a run of spaces inside, a command that can no longer be copied as shown. So such docstrings are raw."""
+    source = path.read_text()
+    docstring_source = ast.get_source_segment(source, ast.parse(source).body[0])
+    if "\\\n" in docstring_source:
+        assert "\\\n" in ast.get_docstring(ast.parse(source), clean=False), f'{path.name}: make it r"""..."""'

@@ -1,8 +1,9 @@
 """The documents say what the code does: README.md and docs/*.md are checked against the scripts.
 
 Every line-number link points at what it names, every relative link and image resolves, every flag of a quoted
-command exists in that script's --help, the side-by-side page is what the scripts generate today, and the
-README's two commands are what CI runs. A stale line number or page fails with the command that fixes it.
+command exists in that script's --help, the side-by-side page is what the scripts generate today, the
+README's two commands are what CI runs, and its number of tests is the suite's. A stale line number or page
+fails with the command that fixes it.
 """
 
 import functools
@@ -177,6 +178,15 @@ def test_the_readme_is_short_and_its_two_commands_are_what_ci_runs():
     assert blocks[:2] == ["pip install -r requirements.txt && python ppo_continuous.py", "python -m pytest -q"]
     ci = (REPO / ".ci" / "run").read_text().splitlines()
     assert "python -m pip install -q -r requirements.txt" in ci and "python -m pytest -q" in ci
+
+
+def test_the_readme_gives_the_number_of_tests_the_suite_has():
+    readme = (REPO / "README.md").read_text()
+    quoted = int(re.search(r"Run the tests \((\d+),", readme).group(1))
+    command = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-n", "0", "-p", "no:cacheprovider"]
+    collected = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    count = int(re.search(r"^(\d+) tests? collected", collected.stdout, re.M).group(1))
+    assert quoted == count, f"README.md says {quoted} tests, the suite has {count}: update the number there"
 
 
 @pytest.mark.parametrize("script", docs_tool.SCRIPTS)
