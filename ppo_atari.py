@@ -135,11 +135,12 @@ class Args:
     """CPU threads for torch (0: the cores of this machine divided by the processes on it)"""
     channels_last: bool = True
     """keep the CNN's weights and activations in channels-last (NHWC) layout: same math, faster on CPU"""
+    # --bf16 covers the rollout's and the update's forward passes and the backward pass. Its default: on where the
+    # machine has no GPU and its CPU has native bfloat16 (AVX512-BF16 or AMX, detected), off elsewhere, also with
+    # --no-cuda on a machine with a GPU (add --bf16 there); slow where the CPU emulates bfloat16; on GPUs not
+    # measured yet. (Each field's docstring is its --help line and stays one line: tyro keeps a docstring's breaks.)
     bf16: bool = field(default_factory=lambda: cpu_has_native_bf16())
-    """run the network's forward passes (rollout and update alike) and the backward pass under bfloat16 autocast
-    (weights and Adam stay float32); default: on where the machine has no GPU and its CPU has native bfloat16
-    (AVX512-BF16 or AMX, detected), off elsewhere, also with --no-cuda on a machine with a GPU (add --bf16 there);
-    slow where the CPU emulates bfloat16; on GPUs not measured yet"""
+    """bfloat16 autocast of forward and backward passes (weights, Adam: float32); default on: no GPU, bf16-native CPU"""
     exp_name: str = SCRIPT_NAME
     """the name of this experiment: the first part of the run name `runs/<exp_name>__<env>__<seed>__<time>`"""
     runs_dir: str = "runs"
@@ -152,18 +153,18 @@ class Args:
     """the Weights & Biases entity (team or user); None uses your default"""
     save_interval: int = 0
     """also save the checkpoint every N iterations (0: only at the end and on interruption)"""
-    resume: str | None = None
-    """continue the run of this checkpoint with its saved settings (only the flags of logging, saving,
-    evaluation and device may differ); the environments start new games"""
+    resume: str | None = None  # the environments start new games
+    """continue this checkpoint's run with its saved settings (only logging, saving, eval, device flags may differ)"""
     eval_checkpoint: str | None = None
     """do not train: evaluate this checkpoint on its env (full games, unclipped score) and exit"""
     eval_episodes: int = 10
     """the number of evaluation episodes, each a full game (after training, and with --eval-checkpoint)"""
     eval_stochastic: bool = True
     """evaluate with sampled actions (a greedy argmax policy can get stuck repeating itself up to the time limit)"""
+    # --capture-video plays the games on the readable env path, the only one that renders frames, with the fast
+    # path's preprocessing and no-op range.
     capture_video: bool = False
-    """record MP4 videos of the evaluation episodes into `<run>/videos` (needs moviepy); the games are then played
-    on the readable env path, the only one that renders frames, with the fast path's preprocessing and no-op range"""
+    """record MP4 videos of the evaluation games into `<run>/videos` (needs moviepy; played on the readable env path)"""
 
     @property
     def batch_size(self) -> int:

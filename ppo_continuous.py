@@ -132,9 +132,10 @@ class Args:
     """use CUDA for the networks when a GPU is available (otherwise the CPU is used)"""
     torch_threads: int = 1
     """CPU threads for torch: 64-64 MLPs gain nothing from more, and extra threads stall on busy cores"""
+    # --compile: compiled once at start-up, its time reported in the progress line; docs/ppo_continuous.md says when
+    # it pays. (Each field's docstring is its --help line and stays one line: tyro keeps a docstring's line breaks.)
     compile: bool = False
-    """torch.compile the update's forward pass and loss (the same numbers up to float rounding), compiled at the
-    start and timed in the progress line; see docs/ppo_continuous.md for when it pays"""
+    """torch.compile the update's forward pass and loss (same numbers up to float rounding), timed at start-up"""
     exp_name: str = SCRIPT_NAME
     """the name of this experiment: the first part of the run name `runs/<exp_name>__<env>__<seed>__<time>`"""
     runs_dir: str = "runs"
@@ -147,10 +148,10 @@ class Args:
     """the Weights & Biases entity (team or user); None uses your default"""
     save_interval: int = 0
     """also save the checkpoint every N iterations (0: only at the end and on interruption)"""
+    # --resume: the environments start new episodes, so each env's discounted return of the reward scaling starts
+    # at 0 again (its running std is restored).
     resume: str | None = None
-    """continue the run of this checkpoint with its saved settings (only the flags of logging, saving,
-    evaluation and device may differ); the environments start new episodes, so each env's discounted return
-    of the reward scaling starts at 0 again (its running std is restored)"""
+    """continue this checkpoint's run with its saved settings (only logging, saving, eval, device flags may differ)"""
     eval_checkpoint: str | None = None
     """do not train: evaluate this checkpoint (its env, frozen normalization statistics) and exit"""
     eval_episodes: int = 10

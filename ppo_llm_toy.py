@@ -189,8 +189,7 @@ class Args:
     reward_model_checkpoint: str | None = None
     """reuse this reward_model.pt instead of training the reward model"""
     eval_checkpoint: str | None = None
-    """do not train: evaluate this policy.pt (against the sft.pt and reward_model.pt of its run folder, or those
-    given), print sample texts and exit"""
+    """do not train: evaluate this policy.pt with its run's (or the given) sft.pt and reward_model.pt, print samples"""
     eval_interval: int = 20
     """evaluate on the held-out prompts every N PPO iterations (and always at start and end)"""
     eval_prompts: int = 256
@@ -1208,7 +1207,8 @@ class Run:
             raise StorageError(self.error_message()) from None
         if self.status == "completed" and exc_type is None:
             s, duration = self.summary, format_duration(self.summary["wall_time_s"])
-            print(f"done: {s['episodes']:,} responses in {duration}; sampling {s['sampling_tokens_per_s']:,.0f} tokens/s, "
+            print(f"done: {s['episodes']:,} responses in {duration}; "
+                  f"sampling {s['sampling_tokens_per_s']:,.0f} tokens/s, "
                   f"update {s['update_tokens_per_s']:,.0f} tokens/s | {self.dir}")  # fmt: skip
         return exc_type is KeyboardInterrupt  # handled: train() returns the summary
 
@@ -1539,7 +1539,8 @@ def validate_args(args: Args) -> None:
         (args.kl_estimator in ("k1", "k3"), f"unknown --kl-estimator {args.kl_estimator!r}: use k1 or k3"),
         (estimator == "gae" or args.samples_per_prompt >= 2, f"--advantage-estimator {estimator} needs "
          "--samples-per-prompt of at least 2 (its baseline is the other samples of the same prompt)"),
-        (estimator == "gae" or not args.whiten_rewards, "--whiten-rewards whitens per-token rewards before GAE: use it with gae"),
+        (estimator == "gae" or not args.whiten_rewards,
+         "--whiten-rewards whitens per-token rewards before GAE: use it with gae"),
         (not args.adaptive_kl or (args.kl_target > 0 and args.kl_horizon >= 1 and args.kl_coef > 0),
          "--adaptive-kl needs a positive --kl-target, --kl-horizon and starting --kl-coef"),
     ]  # fmt: skip

@@ -2,10 +2,11 @@
 
 Every line-number link points at what it names, every relative link and image resolves, every flag of a quoted
 command exists in that script's --help, the side-by-side page is what the scripts generate today, the
-README's two commands are what CI runs, and its number of tests is the suite's. A stale line number or page
-fails with the command that fixes it.
+README's two commands are what CI runs, and its number of tests is the suite's; each flag's help is one line.
+A stale line number or page fails with the command that fixes it.
 """
 
+import ast
 import functools
 import importlib.util
 import re
@@ -187,6 +188,24 @@ def test_the_readme_gives_the_number_of_tests_the_suite_has():
     collected = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     count = int(re.search(r"^(\d+) tests? collected", collected.stdout, re.M).group(1))
     assert quoted == count, f"README.md says {quoted} tests, the suite has {count}: update the number there"
+
+
+@pytest.mark.parametrize("script", docs_tool.SCRIPTS)
+def test_every_flag_help_is_one_line_so_that_help_prints_it_unbroken(script):
+    """Each Args field's docstring is its --help text. tyro joins the lines of a field docstring only where a line
+    starts with a letter, and a continuation line in the source starts with its indentation, so a docstring over
+    two lines shows in --help broken at the source's line break, mid-sentence. Detail goes into a comment."""
+    tree = ast.parse((REPO / script).read_text())
+    args = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Args")
+    broken = [
+        field.target.id
+        for field, doc in zip(args.body, args.body[1:], strict=False)
+        if isinstance(field, ast.AnnAssign)
+        and isinstance(doc, ast.Expr)
+        and isinstance(doc.value, ast.Constant)
+        and "\n" in doc.value.value
+    ]
+    assert not broken, f"{script}: the help of {broken} spans lines; make each one line"
 
 
 @pytest.mark.parametrize("script", docs_tool.SCRIPTS)
