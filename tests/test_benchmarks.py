@@ -157,6 +157,8 @@ def test_rollout_interleaved_tells_copies_that_compute_the_same_from_one_that_do
     assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].endswith(
         "needs two or more copies to compare"
     )
+    result = run(sys.executable, "benchmarks/rollout_interleaved.py", "--scripts", str(same), str(same))
+    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].endswith("give each copy its own file")
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "benchmarks").glob("*.py")), ids=lambda p: p.name)
@@ -168,3 +170,22 @@ def test_benchmark_docstrings_keep_the_line_continuations_of_their_commands(path
     docstring_source = ast.get_source_segment(source, ast.parse(source).body[0])
     if "\\\n" in docstring_source:
         assert "\\\n" in ast.get_docstring(ast.parse(source), clean=False), f'{path.name}: make it r"""..."""'
+
+
+def test_rollout_interleaved_update_phase_repeats_one_update_and_tells_a_changed_loss(tmp_path):
+    same, other = tmp_path / "same.py", tmp_path / "other.py"
+    script = (REPO / "ppo_continuous.py").read_text()
+    same.write_text(script)
+    term = "args.vf_coef * value_loss"
+    assert script.count(term) == 1
+    other.write_text(script.replace(term, "2.0 * " + term))  # a heavier value loss: other weights after an update
+    for copies, expect_same in (((REPO / "ppo_continuous.py", same), True), ((same, other), False)):
+        out = tmp_path / f"update_{expect_same}.json"
+        result = run(sys.executable, "benchmarks/rollout_interleaved.py", "--phase", "update", "--scripts",
+                     *map(str, copies), "--env-id", "InvertedPendulum-v4", "--rounds", "3", "--out", str(out))  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        saved = json.loads(out.read_text())
+        assert saved["phase"] == "update" and saved["steps"] == 2048  # the copy's default rollout, updated on
+        assert saved["same_rollouts"] is expect_same  # the same weights after the update, round after round
+        assert saved["first_difference_round"] == (None if expect_same else 0)
+        assert "weights after the update" in result.stdout
