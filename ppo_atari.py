@@ -86,6 +86,8 @@ gym.register_envs(ale_py)  # ale-py >= 0.10 no longer registers its ids on impor
 
 @dataclass
 class Args:
+    # Each field's docstring is its --help text and stays one line (tyro keeps a docstring's line breaks); more
+    # detail goes into a comment above the field.
     # Algorithm
     env_id: str = "BreakoutNoFrameskip-v4"
     """the id of an Atari environment of ale-py (NoFrameskip-v4 or ALE/...-v5)"""
@@ -138,7 +140,7 @@ class Args:
     # --bf16 covers the rollout's and the update's forward passes and the backward pass. Its default: on where the
     # machine has no GPU and its CPU has native bfloat16 (AVX512-BF16 or AMX, detected), off elsewhere, also with
     # --no-cuda on a machine with a GPU (add --bf16 there); slow where the CPU emulates bfloat16; on GPUs not
-    # measured yet. (Each field's docstring is its --help line and stays one line: tyro keeps a docstring's breaks.)
+    # measured yet.
     bf16: bool = field(default_factory=lambda: cpu_has_native_bf16())
     """bfloat16 autocast of forward and backward passes (weights, Adam: float32); default on: no GPU, bf16-native CPU"""
     exp_name: str = SCRIPT_NAME

@@ -73,6 +73,8 @@ LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 @dataclass
 class Args:
+    # Each field's docstring is its --help text and stays one line (tyro keeps a docstring's line breaks); more
+    # detail goes into a comment above the field.
     # Algorithm
     env_id: str = "HalfCheetah-v4"
     """the id of a gymnasium environment with a Box action space"""
@@ -133,7 +135,7 @@ class Args:
     torch_threads: int = 1
     """CPU threads for torch: 64-64 MLPs gain nothing from more, and extra threads stall on busy cores"""
     # --compile: compiled once at start-up, its time reported in the progress line; docs/ppo_continuous.md says when
-    # it pays. (Each field's docstring is its --help line and stays one line: tyro keeps a docstring's line breaks.)
+    # it pays.
     compile: bool = False
     """torch.compile the update's forward pass and loss (same numbers up to float rounding), timed at start-up"""
     exp_name: str = SCRIPT_NAME

@@ -79,6 +79,8 @@ SCRIPT_NAME = "ppo_llm_toy"
 
 @dataclass
 class Args:
+    # Each field's docstring is its --help text and stays one line (tyro keeps a docstring's line breaks); more
+    # detail goes into a comment above the field.
     # Algorithm: PPO (stage 3)
     total_episodes: int = 12800
     """the total number of responses sampled during PPO"""

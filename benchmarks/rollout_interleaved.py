@@ -72,10 +72,8 @@ def main() -> None:
                         "reward_scaler": reward_scaler, "next_obs": next_obs, "rng": torch.get_rng_state()}  # fmt: skip
         if options.phase == "update":
             c = copies[path]
-            c["args"], c["optimizer"] = (
-                args,
-                torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True),
-            )
+            c["args"] = args
+            c["optimizer"] = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
             c["rollout"], _ = ppo.collect_rollout(envs, agent, obs_normalizer, reward_scaler, next_obs, args.num_steps)
             r = c["rollout"]
             c["advantages"], c["returns"] = ppo.compute_gae(
@@ -131,8 +129,8 @@ def main() -> None:
     )
     if options.out:
         Path(options.out).parent.mkdir(parents=True, exist_ok=True)
-        record = {"command": " ".join(["python", *sys.argv]), "env_id": options.env_id, "phase": options.phase, "steps": steps,
-                  "rounds": options.rounds, "same_rollouts": first_difference is None,
+        record = {"command": " ".join(["python", *sys.argv]), "env_id": options.env_id, "phase": options.phase,
+                  "steps": steps, "rounds": options.rounds, "same_rollouts": first_difference is None,
                   "first_difference_round": first_difference, "us_per_step": us_per_step,
                   "summary": summary}  # fmt: skip
         Path(options.out).write_text(json.dumps(record, indent=1))
