@@ -82,7 +82,7 @@ def main() -> None:
             ppo.update_policy(agent, c["optimizer"], r, c["advantages"], c["returns"], args)  # Adam's state exists
             c["saved"] = copy.deepcopy((agent.state_dict(), c["optimizer"].state_dict()))
             c["rng"] = torch.get_rng_state()
-        steps = options.steps if options.phase == "rollout" else args.num_steps * args.num_envs
+    steps = options.steps if options.phase == "rollout" else args.num_steps * args.num_envs  # env steps per timed round
 
     us_per_step = {path: [] for path in copies}
     first_difference = None

@@ -133,25 +133,37 @@ def test_compile_action_probe_times_the_action_apart_from_the_step():
     assert again["checksum"] == measured["checksum"] != 0.0  # the same seed draws the same actions
 
 
-def test_rollout_interleaved_tells_copies_that_compute_the_same_from_one_that_does_not(tmp_path):
+def interleave_an_identical_and_a_changed_copy(tmp_path, sample: str, changed: str, *flags: str):
+    """rollout_interleaved.py on ppo_continuous.py against an identical copy, then against a copy with `sample`
+    replaced by `changed`, 3 rounds each on InvertedPendulum-v4; checks what both phases report alike and returns
+    each run's (copies, result, saved record), identical copy first, and the identical copy's path."""
     same, other = tmp_path / "same.py", tmp_path / "other.py"
     script = (REPO / "ppo_continuous.py").read_text()
-    same.write_text(script)
-    sample = "return mean + self.actor_logstd.exp() * torch.randn_like(mean)"
     assert script.count(sample) == 1
-    other.write_text(script.replace(sample, sample.replace("exp()", "exp() * 0.5")))  # a narrower policy
+    same.write_text(script)
+    other.write_text(script.replace(sample, changed))
+    runs = []
     for copies, expect_same in (
         ((REPO / "ppo_continuous.py", same), True),
         ((REPO / "ppo_continuous.py", other), False),
     ):
         out = tmp_path / f"{expect_same}.json"
         result = run(sys.executable, "benchmarks/rollout_interleaved.py", "--scripts", *map(str, copies),
-                     "--env-id", "InvertedPendulum-v4", "--steps", "32", "--rounds", "3", "--out", str(out))  # fmt: skip
+                     "--env-id", "InvertedPendulum-v4", "--rounds", "3", "--out", str(out), *flags)  # fmt: skip
         assert result.returncode == 0, result.stderr
         saved = json.loads(out.read_text())
-        assert saved["same_rollouts"] is expect_same
+        assert saved["same_rollouts"] is expect_same  # the same rollouts (or weights after the update) every round
         assert saved["first_difference_round"] == (None if expect_same else 0)
         assert all(len(times) == 3 and min(times) > 0 for times in saved["us_per_step"].values())
+        runs.append((copies, result, saved))
+    return runs, same
+
+
+def test_rollout_interleaved_tells_copies_that_compute_the_same_from_one_that_does_not(tmp_path):
+    sample = "return mean + self.actor_logstd.exp() * torch.randn_like(mean)"
+    narrower = sample.replace("exp()", "exp() * 0.5")  # a narrower policy
+    runs, same = interleave_an_identical_and_a_changed_copy(tmp_path, sample, narrower, "--steps", "32")
+    for copies, _, saved in runs:
         assert saved["summary"][str(copies[0])]["ratio_to_first_median"] == 1.0
     result = run(sys.executable, "benchmarks/rollout_interleaved.py", "--scripts", str(same))
     assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].endswith(
@@ -167,25 +179,14 @@ def test_benchmark_docstrings_keep_the_line_continuations_of_their_commands(path
     backslashes in --help (and pydoc): in a plain string a backslash-newline joins the lines into one with
     a run of spaces inside, a command that can no longer be copied as shown. So such docstrings are raw."""
     source = path.read_text()
-    docstring_source = ast.get_source_segment(source, ast.parse(source).body[0])
-    if "\\\n" in docstring_source:
-        assert "\\\n" in ast.get_docstring(ast.parse(source), clean=False), f'{path.name}: make it r"""..."""'
+    module = ast.parse(source)
+    if "\\\n" in ast.get_source_segment(source, module.body[0]):
+        assert "\\\n" in ast.get_docstring(module, clean=False), f'{path.name}: make it r"""..."""'
 
 
 def test_rollout_interleaved_update_phase_repeats_one_update_and_tells_a_changed_loss(tmp_path):
-    same, other = tmp_path / "same.py", tmp_path / "other.py"
-    script = (REPO / "ppo_continuous.py").read_text()
-    same.write_text(script)
-    term = "args.vf_coef * value_loss"
-    assert script.count(term) == 1
-    other.write_text(script.replace(term, "2.0 * " + term))  # a heavier value loss: other weights after an update
-    for copies, expect_same in (((REPO / "ppo_continuous.py", same), True), ((same, other), False)):
-        out = tmp_path / f"update_{expect_same}.json"
-        result = run(sys.executable, "benchmarks/rollout_interleaved.py", "--phase", "update", "--scripts",
-                     *map(str, copies), "--env-id", "InvertedPendulum-v4", "--rounds", "3", "--out", str(out))  # fmt: skip
-        assert result.returncode == 0, result.stderr
-        saved = json.loads(out.read_text())
+    term = "args.vf_coef * value_loss"  # doubled: a heavier value loss, other weights after an update
+    runs, _ = interleave_an_identical_and_a_changed_copy(tmp_path, term, "2.0 * " + term, "--phase", "update")
+    for _, result, saved in runs:
         assert saved["phase"] == "update" and saved["steps"] == 2048  # the copy's default rollout, updated on
-        assert saved["same_rollouts"] is expect_same  # the same weights after the update, round after round
-        assert saved["first_difference_round"] == (None if expect_same else 0)
         assert "weights after the update" in result.stdout
