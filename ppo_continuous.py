@@ -664,15 +664,25 @@ class RunFinished(Exception):
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
+def flush_stdout() -> None:
+    """Flush stdout; if nobody reads it any more (`| head`, a `less` that quit, a `tee` that the same Ctrl-C ended),
+    send it to os.devnull instead, so that Python's own flush at exit does not fail (it would print an "Exception
+    ignored" message and change the exit code to 120)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 class Run:
     """Everything around PPO for one training run, used as `with Run(args) as run:`.
 
     It owns the run folder, TensorBoard (and W&B with --track), the progress line, the time split,
     the checkpoints (periodic, final, on Ctrl-C / SIGTERM / SIGHUP; never from NaN weights), the final evaluation
-    and summary.json, the dict train() returns. A signal anywhere inside the block saves the last completed
-    iteration (if training was not finished), writes the summary and returns normally; signals that come during
-    that save are held (see _on_signal). A failed write (StorageError) or a divergence (TrainingDiverged) writes
-    the summary too and is raised again as one line.
+    and summary.json, the dict train() returns. A signal anywhere inside the block (or a closed stdout, as SIGPIPE)
+    saves the last completed iteration (if training was not finished), writes the summary and returns normally;
+    signals that come during that save are held (see _on_signal). A failed write (StorageError) or a divergence
+    (TrainingDiverged) writes the summary too and is raised again as one line.
     """
 
     def __init__(self, args: Args):
@@ -811,7 +821,11 @@ class Run:
         first_or_last = self.last_print == self.start_time or iteration == self.args.num_iterations
         if first_or_last or time.time() - self.last_print >= 10:
             self.last_print = time.time()
-            print(self.progress_line(sps), flush=True)
+            try:
+                print(self.progress_line(sps), flush=True)
+            except BrokenPipeError:  # stdout's reader is gone (`| head`, a `less` that quit): stop as SIGHUP does
+                self.stopping, self.stopped_by = True, "SIGPIPE"  # exit code 141, as a shell reports SIGPIPE's
+                raise KeyboardInterrupt from None
 
     def progress_line(self, sps: float) -> str:
         total = self.args.num_iterations * self.args.batch_size
@@ -861,7 +875,8 @@ class Run:
         if self.status == "interrupted":
             where = "in the final evaluation" if self.training_done else f"at step {self.global_step:,}"
             aborted = f" ({self.summary['save_aborted']})" if "save_aborted" in self.summary else ""
-            print(f"interrupted ({self.stopped_by}) {where}; checkpoint: {self.saved_checkpoint()}{aborted}")
+            with contextlib.suppress(BrokenPipeError):  # no reader left (a `tee` ended by the Ctrl-C): dropped
+                print(f"interrupted ({self.stopped_by}) {where}; checkpoint: {self.saved_checkpoint()}{aborted}")
         if isinstance(self.error, TrainingDiverged):
             raise TrainingDiverged(self.error_message()) from None
         if self.error is not None:
@@ -871,8 +886,9 @@ class Run:
             training = f"{s['mean_return']:.1f} (last {n} episodes)" if n else "n/a (no episode finished)"
             evaluation = f"{s['eval_return_mean']:.1f} +- {s['eval_return_std']:.1f}"
             duration = format_duration(s["wall_time_s"])
-            print(f"done: {self.global_step:,} steps in {duration} ({s['sps']:.0f} SPS); training return {training} | "
-                  f"evaluation {evaluation} | {self.dir}")  # fmt: skip
+            with contextlib.suppress(BrokenPipeError):  # the run is complete; a gone reader changes nothing
+                print(f"done: {self.global_step:,} steps in {duration} ({s['sps']:.0f} SPS); training return "
+                      f"{training} | evaluation {evaluation} | {self.dir}")  # fmt: skip
         return exc_type is KeyboardInterrupt  # handled: train() returns the summary
 
     def save_on_stop(self) -> None:
@@ -1359,8 +1375,12 @@ def main() -> None:
     except (ConfigError, TrainingDiverged, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, ConfigError) else 1)  # 2: bad input; 1: the run failed (diverged, a write failed)
+    except BrokenPipeError:  # stdout closed before --help (or another line) was printed, e.g. `--help | head`
+        sys.exit(141)  # 128 + SIGPIPE (13): what a shell reports for a command that SIGPIPE ended
+    finally:
+        flush_stdout()  # here, not at exit: a reader gone by now (a `tee` ended by the same Ctrl-C) changes nothing
     if summary["status"] == "interrupted":
-        sys.exit(128 + signal.Signals[summary["stopped_by"]])  # 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
+        sys.exit(128 + signal.Signals[summary["stopped_by"]])  # 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP, 141 stdout closed
 
 
 if __name__ == "__main__":

@@ -1026,16 +1026,26 @@ class StorageError(RuntimeError):
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
+def flush_stdout() -> None:
+    """Flush stdout; if nobody reads it any more (`| head`, a `less` that quit, a `tee` that the same Ctrl-C ended),
+    send it to os.devnull instead, so that Python's own flush at exit does not fail (it would print an "Exception
+    ignored" message and change the exit code to 120)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 class Run:
     """Everything around the pipeline for one training run, used as `with Run(args) as run:`.
 
     It owns the run folder, TensorBoard (and W&B with --track), the progress line, the time split,
     the checkpoints (sft.pt and reward_model.pt from the stages; policy.pt at the end, on Ctrl-C / SIGTERM /
     SIGHUP or a failed write, and the last good policy after a divergence), the evaluations and summary.json,
-    the dict train() returns. A signal anywhere inside the block saves the policy (if PPO had begun and not
-    finished), writes the summary and returns normally; signals that come during that save are held (see
-    _on_signal). A failed write (StorageError) or a divergence (TrainingDiverged) writes the summary too and
-    is raised again as one line.
+    the dict train() returns. A signal anywhere inside the block (or a closed stdout, as SIGPIPE) saves the
+    policy (if PPO had begun and not finished), writes the summary and returns normally; signals that come during
+    that save are held (see _on_signal). A failed write (StorageError) or a divergence (TrainingDiverged) writes
+    the summary too and is raised again as one line.
     """
 
     def __init__(self, args: Args):
@@ -1138,7 +1148,11 @@ class Run:
         first_or_last = self.last_print == self.start_time or iteration == self.args.num_iterations
         if first_or_last or time.time() - self.last_print >= 10:
             self.last_print = time.time()
-            print(self.progress_line(record), flush=True)
+            try:
+                print(self.progress_line(record), flush=True)
+            except BrokenPipeError:  # stdout's reader is gone (`| head`, a `less` that quit): stop as SIGHUP does
+                self.stopping, self.stopped_by = True, "SIGPIPE"  # exit code 141, as a shell reports SIGPIPE's
+                raise KeyboardInterrupt from None
         if iteration % self.args.eval_interval == 0 and iteration != self.args.num_iterations:
             self.evaluate_policy(step)
 
@@ -1202,16 +1216,18 @@ class Run:
         if self.status == "interrupted":
             where = "in the final evaluation" if self.training_done else f"at iteration {self.iteration}"
             aborted = f" ({self.summary['save_aborted']})" if "save_aborted" in self.summary else ""
-            print(f"interrupted ({self.stopped_by}) {where}; checkpoint: {self.saved_checkpoint()}{aborted}")
+            with contextlib.suppress(BrokenPipeError):  # no reader left (a `tee` ended by the Ctrl-C): dropped
+                print(f"interrupted ({self.stopped_by}) {where}; checkpoint: {self.saved_checkpoint()}{aborted}")
         if isinstance(self.error, TrainingDiverged):
             raise TrainingDiverged(self.error_message()) from None
         if self.error is not None:
             raise StorageError(self.error_message()) from None
         if self.status == "completed" and exc_type is None:
             s, duration = self.summary, format_duration(self.summary["wall_time_s"])
-            print(f"done: {s['episodes']:,} responses in {duration}; "
-                  f"sampling {s['sampling_tokens_per_s']:,.0f} tokens/s, "
-                  f"update {s['update_tokens_per_s']:,.0f} tokens/s | {self.dir}")  # fmt: skip
+            with contextlib.suppress(BrokenPipeError):  # the run is complete; a gone reader changes nothing
+                print(f"done: {s['episodes']:,} responses in {duration}; "
+                      f"sampling {s['sampling_tokens_per_s']:,.0f} tokens/s, "
+                      f"update {s['update_tokens_per_s']:,.0f} tokens/s | {self.dir}")  # fmt: skip
         return exc_type is KeyboardInterrupt  # handled: train() returns the summary
 
     def save_on_stop(self) -> None:
@@ -1666,8 +1682,12 @@ def main() -> None:
     except (ConfigError, TrainingDiverged, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, ConfigError) else 1)  # 2: bad input; 1: the run failed (diverged, a write failed)
+    except BrokenPipeError:  # stdout closed before --help (or another line) was printed, e.g. `--help | head`
+        sys.exit(141)  # 128 + SIGPIPE (13): what a shell reports for a command that SIGPIPE ended
+    finally:
+        flush_stdout()  # here, not at exit: a reader gone by now (a `tee` ended by the same Ctrl-C) changes nothing
     if summary["status"] == "interrupted":
-        sys.exit(128 + signal.Signals[summary["stopped_by"]])  # 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
+        sys.exit(128 + signal.Signals[summary["stopped_by"]])  # 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP, 141 stdout closed
 
 
 if __name__ == "__main__":

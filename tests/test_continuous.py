@@ -1186,6 +1186,34 @@ def test_a_second_signal_during_the_save_is_held_until_checkpoint_and_summary_ar
     assert not list(run_dir.glob("*.tmp"))
 
 
+@pytest.mark.parametrize(
+    ("ctrl_c", "exit_code", "stopped_by"),
+    [(False, 141, "SIGPIPE"), (True, 130, "SIGINT")],  # `| head` or a `less` that quit; `| tee log` and Ctrl-C
+)
+def test_a_closed_stdout_stops_the_run_as_a_closed_terminal_does(tmp_path, ctrl_c, exit_code, stopped_by):
+    process = start([sys.executable, SCRIPT, *LONG_RUN, "--runs-dir", str(tmp_path)])
+    wait_until_training(process)
+    process.stdout.close()  # the reader is gone: the next progress line (within 10 s) has nowhere to go
+    if ctrl_c:
+        process.send_signal(signal.SIGINT)  # the same Ctrl-C ended the `tee`: the closing line has nowhere to go
+    stderr = process.stderr.read()
+    process.wait(timeout=60)
+    assert process.returncode == exit_code, stderr  # not 1 (a failed run), nor 120 (Python's failed flush at exit)
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr and "error" not in stderr, stderr
+    (run_dir,) = tmp_path.iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["stopped_by"] == stopped_by
+    assert pc.load_checkpoint(summary["checkpoint"])["global_step"] == summary["global_step"] > 0
+
+
+def test_help_into_a_pipe_that_is_already_closed_ends_quietly():
+    process = start([sys.executable, SCRIPT, "--help"])
+    process.stdout.close()  # `--help | head -1`, with head gone before the help is printed
+    stderr = process.stderr.read()
+    process.wait(timeout=60)
+    assert process.returncode == 141 and stderr == "", stderr
+
+
 def test_a_third_signal_abandons_the_save_and_keeps_the_previous_checkpoint(tmp_path):
     checkpoint_path = unfinished_checkpoint(tmp_path / "run", total_timesteps=102400)
     before = checkpoint_path.read_bytes()

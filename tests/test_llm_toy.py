@@ -745,6 +745,41 @@ def test_a_second_signal_during_the_save_is_held_until_policy_and_summary_are_wr
     assert all(torch.isfinite(tensor).all() for tensor in policy.values()) and not list(new_run.glob("*.tmp"))
 
 
+@pytest.mark.parametrize(
+    ("ctrl_c", "exit_code", "stopped_by"),
+    [(False, 141, "SIGPIPE"), (True, 130, "SIGINT")],  # `| head` or a `less` that quit; `| tee log` and Ctrl-C
+)
+def test_a_closed_stdout_stops_the_run_as_a_closed_terminal_does(quick_run, tmp_path, ctrl_c, exit_code, stopped_by):
+    command = [sys.executable, str(REPO / "ppo_llm_toy.py"), "--runs-dir", str(tmp_path), *stages_of(quick_run),
+               "--total-episodes", "1000000", "--eval-prompts", "32"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    for line in process.stdout:  # wait until PPO runs
+        if line.startswith("iteration"):
+            break
+    process.stdout.close()  # the reader is gone: the next progress line (within 10 s) has nowhere to go
+    if ctrl_c:
+        process.send_signal(signal.SIGINT)  # the same Ctrl-C ended the `tee`: the closing line has nowhere to go
+    stderr = process.stderr.read()
+    process.wait(timeout=60)
+    assert process.returncode == exit_code, stderr  # not 1 (a failed run), nor 120 (Python's failed flush at exit)
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr and "error" not in stderr, stderr
+    (new_run,) = tmp_path.iterdir()
+    summary = json.loads((new_run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["stopped_by"] == stopped_by
+    policy = torch.load(new_run / "policy.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(tensor).all() for tensor in policy.values()) and not list(new_run.glob("*.tmp"))
+
+
+def test_help_into_a_pipe_that_is_already_closed_ends_quietly():
+    process = subprocess.Popen([sys.executable, str(REPO / "ppo_llm_toy.py"), "--help"], cwd=REPO, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    process.stdout.close()  # `--help | head -1`, with head gone before the help is printed
+    stderr = process.stderr.read()
+    process.wait(timeout=60)
+    assert process.returncode == 141 and stderr == "", stderr
+
+
 def test_a_full_disk_for_the_summary_is_one_line_and_keeps_the_policy(quick_run, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
