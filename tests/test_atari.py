@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -274,6 +275,29 @@ def test_the_rollout_keeps_each_observation_even_if_the_env_reuses_its_array():
     rollout, next_obs = pa.collect_rollout(envs, pa.Agent(4), torch.as_tensor(envs.frames.copy()), 5)
     assert [int(rollout.obs[t].float().mean()) for t in range(5)] == [0, 1, 2, 3, 4]
     assert int(next_obs.float().mean()) == 5
+
+
+def test_the_rollout_leaves_the_cores_to_the_emulators_and_computes_the_same_numbers():
+    def rollout(threads: int) -> pa.Rollout:  # the same seeds, weights and first observation each time
+        torch.manual_seed(0)
+        envs = pa.make_vector_env("BreakoutNoFrameskip-v4", 4, "ale_vector")
+        agent = pa.Agent(4, bf16=pa.Args().bf16)  # this CPU's default precision
+        raw_obs, _ = envs.reset(seed=0)
+        torch.set_num_threads(threads)
+        result, _ = pa.collect_rollout(envs, agent, torch.as_tensor(raw_obs), 32)
+        envs.close()
+        return result
+
+    one, two = rollout(1), rollout(2)
+    for name in ("obs", "actions", "logprobs", "values", "next_values"):
+        assert torch.equal(getattr(one, name), getattr(two, name)), name
+    run = SimpleNamespace(envs=SimpleNamespace(num_envs=8), args=SimpleNamespace(), device=torch.device("cpu"))
+    for threads, backend, expected in [(2, "ale_vector", 1), (16, "ale_vector", 8), (2, "gymnasium", 2)]:
+        torch.set_num_threads(threads)
+        run.args.env_backend = backend  # the gymnasium path steps its envs in this thread: nothing to leave free
+        with pa.Run.rollout_threads(run):
+            assert torch.get_num_threads() == expected
+        assert torch.get_num_threads() == threads  # the update gets them all back
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

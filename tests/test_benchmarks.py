@@ -1,8 +1,8 @@
 """The benchmark tools that cannot be measured here still work here: benchmarks/gpu_check.py refuses without a
 GPU and its commands only use flags the scripts have; make_reference_venv.sh and env_stack_throughput.py
 start; compile_action_probe.py times what it says; rollout_interleaved.py tells copies that compute the same
-from one that does not; the docstrings shown by --help keep their commands copyable. No timing: these check
-behaviour only."""
+from one that does not; atari_rollout_threads.py times both thread settings in turn; the docstrings shown by
+--help keep their commands copyable. No timing: these check behaviour only."""
 
 import ast
 import json
@@ -190,3 +190,20 @@ def test_rollout_interleaved_update_phase_repeats_one_update_and_tells_a_changed
     for _, result, saved in runs:
         assert saved["phase"] == "update" and saved["steps"] == 2048  # the copy's default rollout, updated on
         assert "weights after the update" in result.stdout
+
+
+def test_atari_rollout_threads_times_both_ways_in_turn_with_the_scripts_own_thread_rule(tmp_path):
+    result = run(sys.executable, "benchmarks/atari_rollout_threads.py", "--num-envs", "2", "--num-steps", "8",
+                 "--rounds", "2", "--out", str(tmp_path))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "results.json").read_text())
+    threads = saved["threads"]
+    assert threads["rollout_threads"] == max(1, threads["all"] - 2)  # the cores 2 emulator threads leave free
+    assert all(len(times) == 2 and min(times) > 0 for times in saved["seconds_per_rollout"].values())
+    assert saved["ratios"] == [a / b for a, b in zip(*saved["seconds_per_rollout"].values(), strict=True)]
+    assert saved["command"].endswith("--rounds 2 --out " + str(tmp_path))
+    result = run(sys.executable, "benchmarks/atari_rollout_threads.py", "--rounds", "1")
+    message = result.stderr.strip().splitlines()[-1]  # one line, from argparse
+    assert result.returncode == 2 and message.endswith(
+        "--rounds must be 2 or more: the order of the two ways alternates"
+    )
