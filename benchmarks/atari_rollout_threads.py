@@ -6,7 +6,8 @@ only the cores the emulators leave free (at least one) while the rollout runs, a
 update. This times `collect_rollout` both ways in one process, rounds taking turns (A B, then B A, ...), the same
 envs and weights throughout, and reports the median of the per-round ratios (all threads / the rollout's threads)
 with its quartiles: a whole run's SPS swings too much on these machines to resolve a few percent. That both ways
-give bitwise the same rollout is a test (tests/test_atari.py).
+give bitwise the same rollout is a test (tests/test_atari.py). A CPU with AVX2 only, emulated: --float32 with
+ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 in the environment.
 
     python benchmarks/atari_rollout_threads.py --rounds 30 --out benchmarks/results/atari_rollout_threads/<date>
 """
@@ -14,7 +15,9 @@ give bitwise the same rollout is a test (tests/test_atari.py).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -36,6 +39,8 @@ def main() -> None:
     parser.add_argument("--num-envs", type=int, default=pa.Args.num_envs)
     parser.add_argument("--num-steps", type=int, default=pa.Args.num_steps)
     parser.add_argument("--rounds", type=int, default=30)
+    float32 = "float32 forward passes, as --no-bf16 (the default where the CPU has no native bfloat16)"
+    parser.add_argument("--float32", action="store_true", help=float32)
     parser.add_argument("--out", type=Path, default=None, help="folder for results.json (default: print only)")
     options = parser.parse_args()
     if options.rounds < 2:
@@ -45,6 +50,7 @@ def main() -> None:
     all_threads = torch.get_num_threads()
     envs = pa.make_vector_env(options.env_id, options.num_envs, "ale_vector")
     args = pa.Args(env_id=options.env_id, num_envs=options.num_envs, env_backend="ale_vector")
+    args = dataclasses.replace(args, bf16=False) if options.float32 else args
     run = SimpleNamespace(envs=envs, args=args, device=torch.device("cpu"))  # what Run.rollout_threads reads
     with pa.Run.rollout_threads(run):
         rollout_threads = torch.get_num_threads()
@@ -74,7 +80,8 @@ def main() -> None:
     result = {
         "env_id": options.env_id, "num_envs": options.num_envs, "num_steps": options.num_steps,
         "rounds": options.rounds, "threads": {"all": all_threads, "rollout_threads": rollout_threads},
-        "bf16": args.bf16, "seconds_per_rollout": seconds, "ratios": ratios,
+        "bf16": args.bf16, "kernels": "AVX2 only" if os.environ.get("ATEN_CPU_CAPABILITY") == "avx2" else "native",
+        "seconds_per_rollout": seconds, "ratios": ratios,
         "median_ratio": statistics.median(ratios), "quartiles": [quartiles[0], quartiles[2]],
         "machine": machine(), "stack": stack(sys.executable), "date": time.strftime("%Y-%m-%d %H:%M"),
         "command": " ".join(["python", "benchmarks/atari_rollout_threads.py", *sys.argv[1:]]),
