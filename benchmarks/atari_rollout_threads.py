@@ -15,6 +15,7 @@ ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -64,11 +65,8 @@ def main() -> None:
         for way in ("all", "rollout_threads") if round_index % 2 == 0 else ("rollout_threads", "all"):
             torch.set_num_threads(all_threads)
             start = time.perf_counter()
-            if way == "all":
+            with pa.Run.rollout_threads(run) if way == "rollout_threads" else contextlib.nullcontext():
                 _, next_obs = pa.collect_rollout(envs, agent, next_obs, options.num_steps)
-            else:
-                with pa.Run.rollout_threads(run):
-                    _, next_obs = pa.collect_rollout(envs, agent, next_obs, options.num_steps)
             seconds[way].append(time.perf_counter() - start)
         ratio = seconds["all"][-1] / seconds["rollout_threads"][-1]
         print(f"round {round_index + 1}: all {all_threads} threads {seconds['all'][-1]:.3f} s, "

@@ -916,12 +916,20 @@ def error_lines(stderr: str) -> list[str]:
     return lines
 
 
-def test_sighup_and_a_second_signal_during_the_save_keep_checkpoint_and_summary(tmp_path):
-    process = subprocess.Popen(slow_save_command(*LONG_RUN, "--runs-dir", str(tmp_path)), cwd=REPO, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    for line in process.stdout:  # training runs
+def start(command) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_until_training(process: subprocess.Popen) -> None:
+    for line in process.stdout:  # the progress line of the first iteration
         if line.startswith("step"):
-            break
+            return
+    raise AssertionError(f"the run ended before training: {process.stderr.read()}")
+
+
+def test_sighup_and_a_second_signal_during_the_save_keep_checkpoint_and_summary(tmp_path):
+    process = start(slow_save_command(*LONG_RUN, "--runs-dir", str(tmp_path)))
+    wait_until_training(process)
     process.send_signal(signal.SIGHUP)  # the terminal closed
     deadline = time.time() + 60
     while not list(tmp_path.glob("*/checkpoint.tmp")) and time.time() < deadline:
@@ -941,11 +949,8 @@ def test_sighup_and_a_second_signal_during_the_save_keep_checkpoint_and_summary(
     [(False, 141, "SIGPIPE"), (True, 130, "SIGINT")],  # `| head` or a `less` that quit; `| tee log` and Ctrl-C
 )
 def test_a_closed_stdout_stops_the_run_as_a_closed_terminal_does(tmp_path, ctrl_c, exit_code, stopped_by):
-    process = subprocess.Popen([sys.executable, SCRIPT, *LONG_RUN, "--runs-dir", str(tmp_path)], cwd=REPO, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    for line in process.stdout:  # training runs
-        if line.startswith("step"):
-            break
+    process = start([sys.executable, SCRIPT, *LONG_RUN, "--runs-dir", str(tmp_path)])
+    wait_until_training(process)
     process.stdout.close()  # the reader is gone: the next progress line (within 10 s) has nowhere to go
     if ctrl_c:
         process.send_signal(signal.SIGINT)  # the same Ctrl-C ended the `tee`: the closing line has nowhere to go
@@ -960,8 +965,7 @@ def test_a_closed_stdout_stops_the_run_as_a_closed_terminal_does(tmp_path, ctrl_
 
 
 def test_help_into_a_pipe_that_is_already_closed_ends_quietly():
-    process = subprocess.Popen([sys.executable, SCRIPT, "--help"], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE)  # fmt: skip
+    process = start([sys.executable, SCRIPT, "--help"])
     process.stdout.close()  # `--help | head -1`, with head gone before the help is printed
     stderr = process.stderr.read()
     process.wait(timeout=60)

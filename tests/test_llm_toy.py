@@ -722,15 +722,21 @@ def wrapped_command(*flags, setup: str = "") -> list[str]:
     return [sys.executable, "-c", code]
 
 
+def start_ppo(command) -> subprocess.Popen:
+    """Start the command (one torch thread) and return once PPO runs: after its first progress line."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    for line in process.stdout:
+        if line.startswith("iteration"):
+            return process
+    raise AssertionError(f"the run ended before PPO: {process.stderr.read()}")
+
+
 def test_a_second_signal_during_the_save_is_held_until_policy_and_summary_are_written(quick_run, tmp_path):
     slow_save = "real_save = torch.save\ntorch.save = lambda obj, f: (real_save(obj, f), time.sleep(3))"
     command = wrapped_command("--runs-dir", str(tmp_path), *stages_of(quick_run), "--total-episodes", "1000000",
                               "--eval-prompts", "32", setup=slow_save)  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-    for line in process.stdout:  # wait until PPO runs
-        if line.startswith("iteration"):
-            break
+    process = start_ppo(command)
     process.send_signal(signal.SIGINT)
     deadline = time.time() + 60
     while not list(tmp_path.glob("*/policy.tmp")) and time.time() < deadline:
@@ -752,11 +758,7 @@ def test_a_second_signal_during_the_save_is_held_until_policy_and_summary_are_wr
 def test_a_closed_stdout_stops_the_run_as_a_closed_terminal_does(quick_run, tmp_path, ctrl_c, exit_code, stopped_by):
     command = [sys.executable, str(REPO / "ppo_llm_toy.py"), "--runs-dir", str(tmp_path), *stages_of(quick_run),
                "--total-episodes", "1000000", "--eval-prompts", "32"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-    for line in process.stdout:  # wait until PPO runs
-        if line.startswith("iteration"):
-            break
+    process = start_ppo(command)
     process.stdout.close()  # the reader is gone: the next progress line (within 10 s) has nowhere to go
     if ctrl_c:
         process.send_signal(signal.SIGINT)  # the same Ctrl-C ended the `tee`: the closing line has nowhere to go
